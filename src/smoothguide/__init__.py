@@ -1,0 +1,45 @@
+"""smoothguide: Smoothed Energy Guidance and sibling guidance rules for diffusion models.
+
+The core (token grids, query smoothing, attention energy, guidance rules,
+samplers) works on any Python array-API backend; PyTorch models are reached
+through :mod:`smoothguide.torch` and :mod:`smoothguide.diffusers`.
+"""
+
+from .branches import Branch, Perturber
+from .energy import (
+    attention,
+    attention_energy,
+    attention_logits,
+    diagonal_curvature_logdet,
+    lse_energy,
+    lse_energy_grad,
+    lse_energy_hessian,
+    smoothed_energy_hessian,
+)
+from .grid import TokenGrid
+from .perturbations import IdentityAttention, Perturbation, QuerySmoothing
+from .smoothing import blur_matrix, default_radius, gaussian_kernel1d, smooth_queries
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Branch",
+    "IdentityAttention",
+    "Perturbation",
+    "Perturber",
+    "QuerySmoothing",
+    "TokenGrid",
+    "__version__",
+    "attention",
+    "attention_energy",
+    "attention_logits",
+    "blur_matrix",
+    "default_radius",
+    "diagonal_curvature_logdet",
+    "gaussian_kernel1d",
+    "lse_energy",
+    "lse_energy_grad",
+    "lse_energy_hessian",
+    "smooth_queries",
+    "smoothed_energy_hessian",
+]

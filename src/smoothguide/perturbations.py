@@ -1,0 +1,125 @@
+"""Perturbation specs: what a guidance branch changes inside the model.
+
+A perturbation is data, not code that runs the model. Rules put one into a
+:class:`~smoothguide.branches.Branch`; adapters (:mod:`smoothguide.torch`,
+:mod:`smoothguide.diffusers`, or the pure array-API toy model in the tests)
+execute it on the chosen self-attention layers, for the batch rows of that
+branch only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .smoothing import Mode, _check_mode, _check_sigma
+
+__all__ = [
+    "IdentityAttention",
+    "LayerSelection",
+    "Perturbation",
+    "QuerySmoothing",
+]
+
+#: Which attention layers a perturbation acts on. ``None`` means the adapter's
+#: documented default (the paper's: the SDXL mid block); a string is a preset or
+#: an exact module name; a sequence is a union of those, in the order given.
+LayerSelection = str | Sequence[str] | None
+
+
+def _normalize_layers(layers: LayerSelection) -> tuple[str, ...] | None:
+    if layers is None:
+        return None
+    if isinstance(layers, str):
+        return (layers,)
+    if not isinstance(layers, Sequence) or not all(isinstance(x, str) for x in layers):
+        raise TypeError(
+            f"layers must be None, a string or a sequence of strings, got {layers!r}"
+        )
+    if len(layers) == 0:
+        raise ValueError("layers must not be empty; pass None for the adapter's default")
+    return tuple(layers)
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """Base class of perturbation specs.
+
+    Parameters
+    ----------
+    layers
+        Attention layers to perturb: ``None`` (adapter default), a preset or
+        module name, or a sequence of them.
+    """
+
+    layers: tuple[str, ...] | None = field(default=None, kw_only=True)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", _normalize_layers(self.layers))
+
+
+@dataclass(frozen=True)
+class QuerySmoothing(Perturbation):
+    """SEG's perturbation: Gaussian-blur the self-attention queries on the token grid.
+
+    Blurring queries equals blurring every key's logit map (Hong 2024, Prop. 3.1),
+    so this is the "smoothed energy" branch of Smoothed Energy Guidance.
+
+    Parameters
+    ----------
+    sigma
+        Gaussian width in tokens: a number (height and width), or one per grid
+        axis, ``(σ_h, σ_w)`` or ``(σ_t, σ_h, σ_w)``. ``math.inf`` replaces each
+        query by the mean query of its grid; ``0`` leaves the layer unchanged.
+    mode
+        Boundary mode with SciPy's meaning (``"reflect"``, ``"mirror"``,
+        ``"nearest"``, ``"wrap"``).
+    radius
+        Kernel radius in tokens; ``None`` uses :func:`~smoothguide.default_radius`.
+    layers
+        See :class:`Perturbation`.
+
+    Examples
+    --------
+    >>> QuerySmoothing(10.0).sigma
+    10.0
+    >>> QuerySmoothing(float("inf"), layers="mid").layers
+    ('mid',)
+    """
+
+    sigma: float | tuple[float, ...] = math.inf
+    mode: Mode = "reflect"
+    radius: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "sigma", _check_sigma(self.sigma))
+        _check_mode(self.mode)
+        if self.radius is not None and (
+            isinstance(self.radius, bool) or not isinstance(self.radius, int) or self.radius < 0
+        ):
+            raise ValueError(f"radius must be None or an int >= 0, got {self.radius!r}")
+
+    @property
+    def is_identity(self) -> bool:
+        """True when the blur leaves every query unchanged (σ = 0 on every axis)."""
+        s = self.sigma
+        return s == 0.0 if isinstance(s, float) else all(x == 0.0 for x in s)
+
+
+@dataclass(frozen=True)
+class IdentityAttention(Perturbation):
+    """PAG's perturbation: replace the self-attention map by the identity (Ahn et al. 2024).
+
+    Each token then attends only to itself, so the attention output equals the
+    values ``V`` (before the output projection).
+
+    Examples
+    --------
+    >>> IdentityAttention(layers=("mid",)).layers
+    ('mid',)
+    """
+
+    kind: Literal["identity"] = "identity"
