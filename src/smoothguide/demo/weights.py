@@ -1,0 +1,170 @@
+"""Loading and saving the demo weights: safetensors tensors plus a JSON config, never pickle.
+
+The shipped files live next to this module in ``weights/``:
+
+- ``dit.safetensors``: the EMA weights of :class:`~smoothguide.demo.model.DemoDiT`;
+- ``classifier.safetensors``: the feature network
+  :class:`~smoothguide.demo.model.DemoClassifier`;
+- ``config.json``: both model configs, the noise schedule, the training
+  provenance (data file and its SHA-256, split seed, steps, commit, date) and the
+  SHA-256 of each weight file, checked on every load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+from ._deps import require
+from .model import (
+    ClassifierConfig,
+    DemoClassifier,
+    DemoDenoiser,
+    DemoDiT,
+    DiTConfig,
+)
+
+torch = require("torch")
+
+__all__ = [
+    "CLASSIFIER_FILE",
+    "CONFIG_FILE",
+    "DIT_FILE",
+    "WEIGHTS_DIR",
+    "WeightsError",
+    "file_sha256",
+    "load_classifier",
+    "load_config",
+    "load_denoiser",
+    "load_tensors",
+    "save_tensors",
+]
+
+#: Directory of the shipped weights.
+WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
+DIT_FILE = "dit.safetensors"
+CLASSIFIER_FILE = "classifier.safetensors"
+CONFIG_FILE = "config.json"
+
+
+class WeightsError(RuntimeError):
+    """A weight file is missing, corrupted, truncated or does not match its config."""
+
+
+def file_sha256(path: str) -> str:
+    """SHA-256 hex digest of a file.
+
+    Examples
+    --------
+    >>> len(file_sha256(__file__))
+    64
+    """
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_tensors(tensors: dict[str, Any], path: str, metadata: dict[str, str] | None = None) -> str:
+    """Save a dict of tensors as safetensors and return the file's SHA-256."""
+    st = require("safetensors.torch")
+    tmp = path + ".tmp"
+    st.save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata)
+    os.replace(tmp, path)
+    return file_sha256(path)
+
+
+def load_tensors(path: str, expected_sha256: str | None = None) -> dict[str, Any]:
+    """Load a safetensors file, optionally checking its SHA-256 first.
+
+    Raises
+    ------
+    WeightsError
+        If the file is missing, its hash differs from ``expected_sha256``, or it
+        cannot be parsed as safetensors (truncated or corrupted).
+    """
+    if not os.path.exists(path):
+        raise WeightsError(f"weight file not found: {path}")
+    if expected_sha256 is not None:
+        actual = file_sha256(path)
+        if actual != expected_sha256:
+            raise WeightsError(
+                f"{path} is corrupted or was replaced: SHA-256 {actual} does not match "
+                f"{expected_sha256} recorded in {CONFIG_FILE}; reinstall smoothguide or "
+                "retrain with `python -m smoothguide.demo.train`"
+            )
+    st = require("safetensors.torch")
+    try:
+        return dict(st.load_file(path))
+    except Exception as exc:
+        raise WeightsError(f"{path} is not a valid safetensors file (truncated?): {exc}") from exc
+
+
+def load_config(weights_dir: str | None = None) -> dict[str, Any]:
+    """Read ``config.json`` of a weights directory (default: the shipped weights).
+
+    Examples
+    --------
+    >>> cfg = load_config()
+    >>> sorted(cfg["files"])
+    ['classifier.safetensors', 'dit.safetensors']
+    """
+    path = os.path.join(weights_dir or WEIGHTS_DIR, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise WeightsError(
+            f"no demo weights at {path}; train them with `python -m smoothguide.demo.train`"
+        )
+    try:
+        with open(path, encoding="utf-8") as fh:
+            cfg: dict[str, Any] = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise WeightsError(f"{path} is not valid JSON: {exc}") from exc
+    for key in ("dit", "classifier", "files"):
+        if key not in cfg:
+            raise WeightsError(f"{path} lacks the {key!r} entry")
+    return cfg
+
+
+def _load_module(module: Any, tensors: dict[str, Any], path: str) -> Any:
+    tensors = {k: v.float() for k, v in tensors.items()}
+    try:
+        module.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        raise WeightsError(f"{path} does not match the model in {CONFIG_FILE}: {exc}") from exc
+    return module.eval().requires_grad_(False)
+
+
+def load_denoiser(weights_dir: str | None = None, *, device: Any = "cpu") -> DemoDenoiser:
+    """Load the shipped (or a given directory's) DiT as a :class:`DemoDenoiser` in eval mode.
+
+    Examples
+    --------
+    >>> den = load_denoiser()
+    >>> den.null_class
+    10
+    """
+    d = weights_dir or WEIGHTS_DIR
+    cfg = load_config(d)
+    path = os.path.join(d, DIT_FILE)
+    tensors = load_tensors(path, cfg["files"][DIT_FILE]["sha256"])
+    model = _load_module(DemoDiT(DiTConfig(**cfg["dit"])), tensors, path)
+    return DemoDenoiser(model).to(device)
+
+
+def load_classifier(weights_dir: str | None = None, *, device: Any = "cpu") -> DemoClassifier:
+    """Load the shipped (or a given directory's) feature network in eval mode.
+
+    Examples
+    --------
+    >>> load_classifier().config.num_classes
+    10
+    """
+    d = weights_dir or WEIGHTS_DIR
+    cfg = load_config(d)
+    path = os.path.join(d, CLASSIFIER_FILE)
+    tensors = load_tensors(path, cfg["files"][CLASSIFIER_FILE]["sha256"])
+    net = _load_module(DemoClassifier(ClassifierConfig(**cfg["classifier"])), tensors, path)
+    return net.to(device)
