@@ -203,12 +203,8 @@ def _read_csv() -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64], str, st
             raw = fh.read()
         digest = hashlib.sha256(raw).hexdigest()
         text = gzip.decompress(raw).decode("ascii")
-        table = np.array(
-            [line.split(",") for line in text.strip().splitlines()], dtype=np.float64
-        )
+        table = np.array([line.split(",") for line in text.strip().splitlines()], dtype=np.float64)
         if table.shape[1] != _SOURCE_SIZE * _SOURCE_SIZE + 1:
             raise ValueError(f"{path}: expected 785 columns, got {table.shape[1]}")
         _CACHE[path] = (table[:, :-1], table[:, -1].astype(np.int64), path, digest)
     return _CACHE[path]
-
-

@@ -67,8 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m smoothguide.demo.train", description=__doc__.split("\n\n")[0]
     )
     p.add_argument("--steps", type=int, default=30000, help="diffusion optimizer steps")
-    p.add_argument("--max-minutes", type=float, default=None,
-                   help="stop gracefully after this wall time (this run) and still save")
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="stop gracefully after this wall time (this run) and still save",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=4e-4)
@@ -80,15 +84,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--classifier-epochs", type=int, default=10)
     p.add_argument("--seed", type=int, default=0, help="seed of the split, init and batches")
-    p.add_argument("--checkpoint-dir", default="smoothguide-demo-train",
-                   help="directory of the resumable checkpoint")
+    p.add_argument(
+        "--checkpoint-dir",
+        default="smoothguide-demo-train",
+        help="directory of the resumable checkpoint",
+    )
     p.add_argument("--checkpoint-every", type=int, default=1000)
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     p.add_argument("--out", default=WEIGHTS_DIR, help="where the final weights go")
-    p.add_argument("--dtype", choices=["float16", "float32"], default="float16",
-                   help="storage dtype of the exported DiT weights")
-    p.add_argument("--export-only", action="store_true",
-                   help="only export the weights of an existing checkpoint")
+    p.add_argument(
+        "--dtype",
+        choices=["float16", "float32"],
+        default="float16",
+        help="storage dtype of the exported DiT weights",
+    )
+    p.add_argument(
+        "--export-only",
+        action="store_true",
+        help="only export the weights of an existing checkpoint",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true", help="disable the tqdm bar")
     return p  # fmt: skip
@@ -223,9 +237,7 @@ def _sub(tensors: dict[str, Any], prefix: str) -> dict[str, Any]:
     return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
 
 
-def _export(
-    out: str, ema: Any, clf: Any, meta: dict[str, Any], dtype: str
-) -> dict[str, Any]:
+def _export(out: str, ema: Any, clf: Any, meta: dict[str, Any], dtype: str) -> dict[str, Any]:
     os.makedirs(out, exist_ok=True)
     tdtype = torch.float16 if dtype == "float16" else torch.float32
     dit_sd = {k: v.to(tdtype) for k, v in ema.state_dict().items()}
@@ -324,8 +336,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             clf = DemoClassifier(ClassifierConfig()).to(device)
             clf.load_state_dict(_sub(tensors, "clf"))
             clf.eval()
-        for key in ("step", "elapsed", "elapsed_diffusion", "classifier_acc", "loss_ema",
-                    "preview_cfg_accuracy"):
+        for key in (
+            "step",
+            "elapsed",
+            "elapsed_diffusion",
+            "classifier_acc",
+            "loss_ema",
+            "preview_cfg_accuracy",
+        ):
             if key in old:
                 meta[key] = old[key]
         _log(f"resumed from {args.checkpoint_dir} at step {meta['step']}")
@@ -334,8 +352,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.export_only:
         if ckpt is None or clf is None:
-            raise SystemExit(f"--export-only needs a checkpoint with a classifier in "
-                             f"{args.checkpoint_dir}")
+            raise SystemExit(
+                f"--export-only needs a checkpoint with a classifier in {args.checkpoint_dir}"
+            )
         cfg = _export(args.out, ema, clf, meta, args.dtype)
         _log(f"exported step {meta['step']} to {args.out}: {json.dumps(cfg['files'])}")
         return 0
