@@ -23,10 +23,10 @@ __all__ = [
     "attention_energy",
     "attention_logits",
     "diagonal_curvature_logdet",
+    "logsumexp",
     "lse_energy",
     "lse_energy_grad",
     "lse_energy_hessian",
-    "logsumexp",
     "smoothed_energy_hessian",
     "softmax",
 ]

@@ -33,7 +33,7 @@ def _check_aspect(aspect: object) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class TokenGrid:
-    """Layout of a token axis: ``prefix`` tokens, a ``frames x height x width`` grid, ``suffix`` tokens.
+    """Token-axis layout: ``prefix`` tokens, a ``frames x height x width`` grid, ``suffix`` tokens.
 
     Spatial tokens are stored in row-major ``(frame, row, column)`` order, as
     produced by flattening a ``(frames, height, width)`` latent. Prefix and suffix

@@ -35,9 +35,7 @@ def _normalize_layers(layers: LayerSelection) -> tuple[str, ...] | None:
     if isinstance(layers, str):
         return (layers,)
     if not isinstance(layers, Sequence) or not all(isinstance(x, str) for x in layers):
-        raise TypeError(
-            f"layers must be None, a string or a sequence of strings, got {layers!r}"
-        )
+        raise TypeError(f"layers must be None, a string or a sequence of strings, got {layers!r}")
     if len(layers) == 0:
         raise ValueError("layers must not be empty; pass None for the adapter's default")
     return tuple(layers)

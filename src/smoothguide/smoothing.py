@@ -136,7 +136,9 @@ def gaussian_kernel1d(sigma: float, *, radius: int | None = None) -> np.ndarray:
         w[radius] = 1.0
         return w
     x = np.arange(-radius, radius + 1, dtype=np.float64)
-    w = np.exp(-0.5 * (x / sigma) ** 2)
+    # A tiny sigma overflows (x / sigma)**2 to inf for x != 0: exp(-inf) = 0, the impulse.
+    with np.errstate(over="ignore", under="ignore"):
+        w = np.exp(-0.5 * (x / sigma) ** 2)
     return w / w.sum()
 
 
@@ -250,9 +252,7 @@ def _per_axis_sigma(sigma: float | tuple[float, ...]) -> tuple[float, float, flo
     return (0.0, sigma, sigma)
 
 
-def _blur_axis(
-    xp: Any, x: Array, axis: int, sigma: float, radius: int | None, mode: str
-) -> Array:
+def _blur_axis(xp: Any, x: Array, axis: int, sigma: float, radius: int | None, mode: str) -> Array:
     """Blur ``x`` along ``axis`` (negative, counted from the end) with a left matmul."""
     n = x.shape[axis]
     if sigma == 0.0 or n == 1:
