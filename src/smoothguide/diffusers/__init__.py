@@ -1,0 +1,28 @@
+"""diffusers adapter: SEG and PAG for diffusers models and pipelines.
+
+Needs the ``diffusers`` extra (``pip install 'smoothguide[diffusers]'``).
+
+- :func:`patcher_for`: an :class:`~smoothguide.torch.AttentionPatcher` for a
+  diffusers model, via its registered :class:`ModelFamily`
+  (``UNet2DConditionModel`` is built in: :mod:`smoothguide.diffusers.unet`).
+- :class:`GuidedPipeline`: run a ``StableDiffusionPipeline`` or
+  ``StableDiffusionXLPipeline`` under any :mod:`smoothguide.rules` rule, all
+  branches batched into one denoiser call per step.
+"""
+
+from __future__ import annotations
+
+from ._deps import diffusers as _diffusers  # noqa: F401  (fails early, naming the extra)
+from .family import ModelFamily, families, family_for, patcher_for, register_family
+from .unet import UNET2D, unet_layers, unet_presets
+
+__all__ = [
+    "UNET2D",
+    "ModelFamily",
+    "families",
+    "family_for",
+    "patcher_for",
+    "register_family",
+    "unet_layers",
+    "unet_presets",
+]

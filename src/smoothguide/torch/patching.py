@@ -1,0 +1,517 @@
+"""Perturb chosen attention layers of any ``torch.nn.Module`` for chosen batch rows.
+
+:class:`AttentionPatcher` implements :class:`smoothguide.branches.Perturber`.
+It never replaces a module, a method or an attention processor. While a
+perturbation is active it adds hooks to the chosen layers; while such a layer
+runs, a :class:`torch.overrides.TorchFunctionMode` intercepts
+``torch.nn.functional.scaled_dot_product_attention``, so the perturbation acts
+on the very tensors that enter ``softmax(Q Kᵀ / √d) V``: queries after any
+QK-norm and rotary embedding, for whichever processor (IP-Adapter, LoRA,
+custom) computes them. Hooks are removed on exit, also after an exception.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch.overrides import TorchFunctionMode
+
+from ..grid import TokenGrid
+from ..perturbations import IdentityAttention, LayerSelection, Perturbation, QuerySmoothing
+from ._deps import torch
+from .layouts import Geometry, GeometryFn, LayerSpec, image_geometry
+from .smoothing import smooth_queries
+
+__all__ = ["AttentionPatcher", "LayerSource"]
+
+_SDPA = torch._C._nn.scaled_dot_product_attention
+
+#: What ``AttentionPatcher(layers=...)`` accepts: exact module names, a module
+#: class (or tuple of classes), a predicate ``(name, module) -> bool``, or a
+#: mapping from module name to :class:`LayerSpec`.
+LayerSource = (
+    Sequence[str]
+    | type
+    | tuple[type, ...]
+    | Callable[[str, torch.nn.Module], bool]
+    | Mapping[str, LayerSpec]
+)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    perturbation: Perturbation
+    rows: tuple[int, ...]
+    layers: frozenset[str]
+
+
+@dataclass
+class _Call:
+    """One forward call of the patched model: its inputs and, once needed, its geometry."""
+
+    args: tuple[Any, ...]
+    kwargs: Mapping[str, Any]
+    geometry_fn: GeometryFn
+    _geometry: Geometry | None = None
+    grids: dict[tuple[str, int], TokenGrid] = field(default_factory=dict)
+
+    @property
+    def geometry(self) -> Geometry:
+        if self._geometry is None:
+            self._geometry = self.geometry_fn(self.args, self.kwargs)
+            if not isinstance(self._geometry, Geometry):
+                raise TypeError(
+                    f"geometry function must return a Geometry, got {type(self._geometry).__name__}"
+                )
+        return self._geometry
+
+
+class _SDPAMode(TorchFunctionMode):
+    """Routes ``scaled_dot_product_attention`` calls made inside one layer to the patcher."""
+
+    def __init__(self, patcher: AttentionPatcher, name: str, entries: list[_Entry]) -> None:
+        super().__init__()
+        self.patcher, self.name, self.entries = patcher, name, entries
+        self.calls = 0
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is _SDPA:
+            self.calls += 1
+            return self.patcher._attend(self.name, self.entries, args, kwargs)
+        return func(*args, **kwargs)
+
+
+def _split_sdpa_args(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[Any, ...], dict[str, Any]]:
+    names = ("query", "key", "value")
+    values = list(args[:3])
+    rest_kwargs = dict(kwargs)
+    for name in names[len(values) :]:
+        values.append(rest_kwargs.pop(name))
+    q, k, v = values
+    return q, k, v, tuple(args[3:]), rest_kwargs
+
+
+class AttentionPatcher:
+    """Apply SEG or PAG perturbations to chosen attention layers of a torch model.
+
+    Implements :class:`smoothguide.branches.Perturber`: ``perturb(p, rows)``
+    returns a context manager inside which forward calls of ``model`` apply
+    ``p`` to the batch rows ``rows`` in the layers ``p.layers`` selects; every
+    other row is computed exactly as without the patcher.
+
+    - :class:`~smoothguide.perturbations.QuerySmoothing` (SEG) replaces those
+      rows' queries by :func:`smoothguide.torch.smooth_queries` of them on the
+      layer's token grid (prefix/suffix text tokens untouched).
+    - :class:`~smoothguide.perturbations.IdentityAttention` (PAG) replaces
+      those rows' attention output on the grid tokens by the values ``V``.
+
+    The grid of each layer comes from the model call's input
+    (``geometry(args, kwargs)``, default :func:`image_geometry`) and the
+    layer's :class:`LayerSpec` layout. Attention rows are mapped to model rows
+    by the integer ratio of their batch sizes (heads or frames folded into the
+    batch, model row major). A perturbed layer that runs without calling
+    ``scaled_dot_product_attention`` raises ``RuntimeError``: the perturbation
+    never silently does nothing.
+
+    Parameters
+    ----------
+    model
+        The top-level module that is called (its inputs give the geometry).
+    layers
+        The perturbable attention modules: exact names (``model.named_modules()``
+        names), a module class or tuple of classes, a predicate
+        ``(name, module) -> bool``, or a mapping ``name -> LayerSpec``.
+    presets
+        Named groups of layer names, e.g. ``{"mid": (...)}``.
+    default
+        The selection used when a perturbation's ``layers`` is ``None``: a preset,
+        a layer name or a sequence of them; ``None`` means every layer.
+    geometry
+        ``(args, kwargs) -> Geometry`` for a call of ``model``.
+
+    Examples
+    --------
+    >>> import torch.nn.functional as F
+    >>> class Attn(torch.nn.Module):
+    ...     def forward(self, x):                       # x: (B, N, d)
+    ...         return F.scaled_dot_product_attention(x, x, x)
+    >>> class Net(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.attn = Attn()
+    ...     def forward(self, img):                     # img: (B, d, H, W)
+    ...         return self.attn(img.flatten(2).transpose(1, 2))
+    >>> net, img = Net(), torch.randn(2, 4, 3, 5)
+    >>> patcher = AttentionPatcher(net, layers=Attn)
+    >>> patcher.layers
+    ('attn',)
+    >>> with patcher.perturb(QuerySmoothing(float("inf")), rows=[1]):
+    ...     out = net(img)
+    >>> bool(torch.equal(out[0], net(img)[0])), bool(torch.allclose(out[1], out[1, :1]))
+    (True, True)
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        layers: LayerSource,
+        *,
+        presets: Mapping[str, Sequence[str]] | None = None,
+        default: LayerSelection = None,
+        geometry: GeometryFn = image_geometry,
+    ) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(geometry):
+            raise TypeError(
+                f"geometry must be callable (args, kwargs) -> Geometry, got {geometry!r}"
+            )
+        self.model = model
+        self._geometry_fn = geometry
+        modules = dict(model.named_modules())
+        self._specs = self._collect(modules, layers)
+        if not self._specs:
+            raise ValueError(f"layers={layers!r} matches no module of {type(model).__name__}")
+        self._modules = {name: modules[name] for name in self._specs}
+        self._presets: dict[str, tuple[str, ...]] = {}
+        for key, names in (presets or {}).items():
+            if key in self._specs:
+                raise ValueError(f"preset name {key!r} is also a layer name; rename the preset")
+            names = (names,) if isinstance(names, str) else tuple(names)
+            unknown = [n for n in names if n not in self._specs]
+            if unknown:
+                raise ValueError(f"preset {key!r} names unknown layers {unknown}")
+            self._presets[key] = self._ordered(names)
+        self._default = self.resolve(default) if default is not None else self.layers
+        self._active: list[_Entry] = []
+        self._calls: list[_Call] = []
+        self._attached = 0
+        self._root_handles: list[Any] = []
+        self._layer_refs: dict[str, int] = {}
+        self._layer_handles: dict[str, list[Any]] = {}
+        self._mode_stack: dict[str, list[_SDPAMode | None]] = {}
+
+    # ----------------------------------------------------------------- layers
+    @staticmethod
+    def _collect(modules: dict[str, torch.nn.Module], layers: LayerSource) -> dict[str, LayerSpec]:
+        if isinstance(layers, Mapping):
+            specs: dict[str, LayerSpec] = {}
+            for name, spec in layers.items():
+                if not isinstance(spec, LayerSpec):
+                    raise TypeError(
+                        f"layers[{name!r}] must be a LayerSpec, got {type(spec).__name__}"
+                    )
+                specs[name] = spec
+            names: Sequence[str] = list(specs)
+        elif isinstance(layers, type) or (
+            isinstance(layers, tuple) and layers and all(isinstance(t, type) for t in layers)
+        ):
+            classes = layers if isinstance(layers, tuple) else (layers,)
+            names = [n for n, m in modules.items() if isinstance(m, classes)]
+        elif isinstance(layers, str):
+            names = [layers]
+        elif isinstance(layers, Sequence):
+            names = [str(n) for n in layers]
+            if not all(isinstance(n, str) for n in layers):
+                raise TypeError(f"layers must be module names (str), got {layers!r}")
+        elif callable(layers):
+            names = [n for n, m in modules.items() if layers(n, m)]
+        else:
+            raise TypeError(
+                "layers must be a sequence of module names, a module class, a predicate "
+                "(name, module) -> bool, or a mapping name -> LayerSpec; "
+                f"got {type(layers).__name__}"
+            )
+        missing = [n for n in names if n not in modules or n == ""]
+        if missing:
+            raise ValueError(
+                f"no module named {missing} in the model; module names look like "
+                f"{[n for n in modules if n][:8]}"
+            )
+        order = {n: i for i, n in enumerate(modules)}
+        given = specs if isinstance(layers, Mapping) else {}
+        return {n: given.get(n, LayerSpec()) for n in sorted(set(names), key=order.__getitem__)}
+
+    def _ordered(self, names: Sequence[str]) -> tuple[str, ...]:
+        wanted = set(names)
+        return tuple(n for n in self._specs if n in wanted)
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """Names of every perturbable layer, in the model's module order."""
+        return tuple(self._specs)
+
+    @property
+    def presets(self) -> dict[str, tuple[str, ...]]:
+        """Preset name -> layer names."""
+        return dict(self._presets)
+
+    @property
+    def default(self) -> tuple[str, ...]:
+        """Layers used when a perturbation's ``layers`` is ``None``."""
+        return self._default
+
+    def spec(self, name: str) -> LayerSpec:
+        """The :class:`LayerSpec` of layer ``name``."""
+        return self._specs[name]
+
+    def resolve(self, selection: LayerSelection) -> tuple[str, ...]:
+        """Layer names of a selection (presets and exact names), in module order.
+
+        Parameters
+        ----------
+        selection
+            ``None`` (the default), a preset or layer name, or a sequence of them.
+
+        Raises
+        ------
+        ValueError
+            For an unknown name, or a selection that matches no layer; the
+            message lists the presets and the available layers.
+        """
+        if selection is None:
+            return self._default
+        items = (selection,) if isinstance(selection, str) else tuple(selection)
+        if not items or not all(isinstance(s, str) for s in items):
+            raise TypeError(
+                f"layers must be a name or a non-empty sequence of names, got {selection!r}"
+            )
+        names: list[str] = []
+        unknown = []
+        for item in items:
+            if item in self._presets:
+                names.extend(self._presets[item])
+            elif item in self._specs:
+                names.append(item)
+            else:
+                unknown.append(item)
+        if unknown or not names:
+            what = (
+                f"unknown layer or preset names {unknown}"
+                if unknown
+                else (f"selection {list(items)} matches no layer")
+            )
+            nonempty = sorted(k for k, v in self._presets.items() if v)
+            raise ValueError(f"{what}; presets: {nonempty}; available layers: {list(self._specs)}")
+        return self._ordered(names)
+
+    # ---------------------------------------------------------------- perturb
+    @contextmanager
+    def perturb(self, perturbation: Perturbation, rows: Sequence[int]) -> Iterator[None]:
+        """Apply ``perturbation`` to batch rows ``rows`` of the model calls inside the context.
+
+        Parameters
+        ----------
+        perturbation
+            :class:`~smoothguide.perturbations.QuerySmoothing` or
+            :class:`~smoothguide.perturbations.IdentityAttention`; its ``layers``
+            picks the layers (``None``: :attr:`default`).
+        rows
+            Indices into the batch the model is called with; disjoint from the
+            rows of other active perturbations.
+
+        Raises
+        ------
+        TypeError, ValueError
+            For an unsupported perturbation, bad rows, unknown layers or rows
+            that overlap another active perturbation.
+        """
+        if not isinstance(perturbation, QuerySmoothing | IdentityAttention):
+            raise TypeError(
+                "perturbation must be QuerySmoothing or IdentityAttention, got "
+                f"{type(perturbation).__name__}"
+            )
+        if isinstance(rows, str | bytes) or not isinstance(rows, Sequence):
+            raise TypeError(f"rows must be a sequence of ints, got {type(rows).__name__}")
+        checked = tuple(rows)
+        if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in checked):
+            raise ValueError(f"rows must be ints >= 0, got {list(rows)}")
+        if len(set(checked)) != len(checked):
+            raise ValueError(f"rows must not repeat, got {list(rows)}")
+        layers = frozenset(self.resolve(perturbation.layers))
+        for other in self._active:
+            shared = set(checked) & set(other.rows)
+            if shared and other.layers & layers:
+                raise ValueError(
+                    f"rows {sorted(shared)} are already perturbed by {other.perturbation} in the "
+                    "same layers; active perturbations must use disjoint rows"
+                )
+        if not checked or (isinstance(perturbation, QuerySmoothing) and perturbation.is_identity):
+            yield  # nothing to do: sigma = 0 is the plain model, bit for bit
+            return
+        entry = _Entry(perturbation, checked, layers)
+        with self.attached():
+            self._active.append(entry)
+            try:
+                for name in layers:
+                    self._hook_layer(name)
+                yield
+            finally:
+                self._active.remove(entry)
+                for name in layers:
+                    self._unhook_layer(name)
+
+    @contextmanager
+    def attached(self) -> Iterator[None]:
+        """Keep the model-level geometry hook installed for the whole context.
+
+        ``perturb`` attaches by itself; attach explicitly when perturbations are
+        entered from inside a model call (for instance from another forward
+        pre-hook of the model, as the diffusers pipeline wrapper does), since a
+        hook added during a call runs only from the next call on.
+        """
+        if self._attached == 0:
+            self._root_handles = [
+                self.model.register_forward_pre_hook(self._root_pre, with_kwargs=True),
+                self.model.register_forward_hook(self._root_post, always_call=True),
+            ]
+        self._attached += 1
+        try:
+            yield
+        finally:
+            self._attached -= 1
+            if self._attached == 0:
+                for handle in self._root_handles:
+                    handle.remove()
+                self._root_handles = []
+                self._calls.clear()
+
+    def _root_pre(
+        self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        self._calls.append(_Call(args, kwargs, self._geometry_fn))
+
+    def _root_post(self, module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if self._calls:
+            self._calls.pop()
+
+    def _hook_layer(self, name: str) -> None:
+        self._layer_refs[name] = self._layer_refs.get(name, 0) + 1
+        if self._layer_refs[name] > 1:
+            return
+        module = self._modules[name]
+
+        def pre(mod: torch.nn.Module, args: tuple[Any, ...]) -> None:
+            entries = [e for e in self._active if name in e.layers]
+            mode = _SDPAMode(self, name, entries) if entries else None
+            self._mode_stack.setdefault(name, []).append(mode)
+            if mode is not None:
+                mode.__enter__()
+
+        def post(mod: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            stack = self._mode_stack.get(name)
+            if not stack:
+                return
+            mode = stack.pop()
+            if mode is None:
+                return
+            mode.__exit__(None, None, None)
+            if mode.calls == 0 and sys.exc_info()[0] is None:
+                processor = getattr(getattr(mod, "processor", None), "__class__", None)
+                raise RuntimeError(
+                    f"attention layer {name!r} ({type(mod).__name__}"
+                    + (f", processor {processor.__name__}" if processor else "")
+                    + ") ran without calling torch.nn.functional.scaled_dot_product_attention, "
+                    "so the perturbation could not be applied; use an SDPA-based attention "
+                    "processor/backend (e.g. diffusers' AttnProcessor2_0 or the native backend)"
+                )
+
+        self._layer_handles[name] = [
+            module.register_forward_pre_hook(pre, prepend=True),
+            module.register_forward_hook(post, always_call=True),
+        ]
+
+    def _unhook_layer(self, name: str) -> None:
+        self._layer_refs[name] -= 1
+        if self._layer_refs[name] == 0:
+            del self._layer_refs[name]
+            for handle in self._layer_handles.pop(name):
+                handle.remove()
+            self._mode_stack.pop(name, None)
+
+    # ------------------------------------------------------------- attention
+    def _grid(self, name: str, num_tokens: int) -> tuple[TokenGrid, Geometry]:
+        if not self._calls:
+            raise RuntimeError(
+                f"attention layer {name!r} ran outside a forward call of the patched "
+                f"{type(self.model).__name__}; call the model itself inside perturb()"
+            )
+        call = self._calls[-1]
+        geometry = call.geometry
+        key = (name, num_tokens)
+        if key not in call.grids:
+            try:
+                call.grids[key] = self._specs[name].layout.grid(num_tokens, geometry)
+            except ValueError as exc:
+                raise ValueError(f"attention layer {name!r}: {exc}") from exc
+        return call.grids[key], geometry
+
+    def _attend(
+        self, name: str, entries: list[_Entry], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> torch.Tensor:
+        q, k, v, rest, rest_kwargs = _split_sdpa_args(args, kwargs)
+        if q.ndim < 3:
+            raise RuntimeError(
+                f"attention layer {name!r}: query of shape {tuple(q.shape)} has no batch axis"
+            )
+        grid, geometry = self._grid(name, q.shape[-2])
+        if q.shape[0] % geometry.batch:
+            raise RuntimeError(
+                f"attention layer {name!r}: attention batch {q.shape[0]} (query shape "
+                f"{tuple(q.shape)}) is not a multiple of the model batch {geometry.batch}, so its "
+                "rows cannot be mapped to the perturbed rows"
+            )
+        ratio = q.shape[0] // geometry.batch
+
+        def index(rows: tuple[int, ...]) -> torch.Tensor:
+            if max(rows) >= geometry.batch:
+                raise ValueError(
+                    f"rows {list(rows)} out of range for a model call with batch {geometry.batch}"
+                )
+            return torch.tensor(
+                [i * ratio + j for i in rows for j in range(ratio)], device=q.device
+            )
+
+        for entry in entries:
+            p = entry.perturbation
+            if isinstance(p, QuerySmoothing):
+                ix = index(entry.rows)
+                blurred = smooth_queries(
+                    q.index_select(0, ix), grid, p.sigma, radius=p.radius, mode=p.mode
+                )
+                q = q.index_copy(0, ix, blurred)
+        out = _SDPA(q, k, v, *rest, **rest_kwargs)
+        for entry in entries:
+            if isinstance(entry.perturbation, IdentityAttention):
+                if v.shape[:-1] != q.shape[:-1] or out.shape != v.shape:
+                    raise RuntimeError(
+                        f"attention layer {name!r}: identity attention needs values with the "
+                        f"query's batch, heads and tokens; got query {tuple(q.shape)}, value "
+                        f"{tuple(v.shape)}"
+                    )
+                ix = index(entry.rows)
+                rows_out = out.index_select(0, ix)
+                s = grid.spatial_slice
+                ident = torch.cat(
+                    [
+                        rows_out[..., : s.start, :],
+                        v.index_select(0, ix)[..., s, :].to(out.dtype),
+                        rows_out[..., s.stop :, :],
+                    ],
+                    dim=-2,
+                )
+                out = out.index_copy(0, ix, ident)
+        return out
