@@ -1,0 +1,107 @@
+"""Perturbed-Attention Guidance (Ahn et al. 2024), the SEG paper's main baseline."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, cast
+
+from .._array import Array
+from ..branches import Branch
+from ..perturbations import IdentityAttention, LayerSelection
+from .base import COND, StepContext, Term, branch_output, check_scale, unique_branches
+from .cfg import CFG
+from .schedules import ALWAYS, Schedule, check_schedule, weight
+
+__all__ = ["PAG"]
+
+
+@dataclass(frozen=True)
+class PAG(Term):
+    """Perturbed-Attention Guidance: guide away from a prediction with identity self-attention.
+
+    D. Ahn et al., "Self-Rectifying Diffusion Sampling with Perturbed-Attention
+    Guidance", ECCV 2024 (arXiv:2403.17377). The perturbed branch replaces the
+    self-attention map of the chosen layers by the identity, so each token's
+    attention output is its value ``V``
+    (:class:`~smoothguide.perturbations.IdentityAttention`); ``x̂_c`` is its
+    output on the conditional branch. Formula of the paper and of diffusers'
+    ``PAGMixin``, with ``w = cfg_scale``::
+
+        w = 1:   x_c + s (x_c − x̂_c)
+        w ≠ 1:   x_u + w (x_c − x_u) + s (x_c − x̂_c)          neutral: s = 0
+
+    The schedule's weight ρ multiplies ``s``; ``cfg_schedule`` weighs ``w − 1``.
+
+    Parameters
+    ----------
+    scale
+        PAG scale ``s >= 0`` (default 3.0, the paper's SD setting).
+    layers
+        Self-attention layers to perturb, passed to the adapter.
+    cfg_scale
+        CFG scale ``w >= 0``; 1 disables CFG.
+    schedule, cfg_schedule
+        Weights of the PAG term and of the CFG term per step.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from smoothguide.rules import COND, UNCOND, StepContext
+    >>> rule = PAG(2.0, cfg_scale=5.0)
+    >>> outs = {UNCOND: np.array([0.0]), COND: np.array([1.0]),
+    ...         rule.pag_branch: np.array([0.5])}
+    >>> rule.combine(outs, StepContext(1.0))[0]  # 0 + 5 * 1 + 2 * 0.5
+    array([6.])
+    """
+
+    scale: float = 3.0
+    layers: LayerSelection = None
+    cfg_scale: float = 1.0
+    schedule: Schedule = ALWAYS
+    cfg_schedule: Schedule = ALWAYS
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scale", check_scale(self.scale, "scale"))
+        object.__setattr__(self, "cfg_scale", check_scale(self.cfg_scale, "cfg_scale"))
+        check_schedule(self.schedule)
+        check_schedule(self.cfg_schedule, "cfg_schedule")
+        layers = IdentityAttention(layers=self.layers).layers  # type: ignore[arg-type]
+        object.__setattr__(self, "layers", layers)
+
+    @property
+    def perturbation(self) -> IdentityAttention:
+        """The :class:`~smoothguide.perturbations.IdentityAttention` spec."""
+        return IdentityAttention(layers=cast("tuple[str, ...] | None", self.layers))
+
+    @property
+    def pag_branch(self) -> Branch:
+        """The perturbed conditional branch."""
+        return Branch("cond", self.perturbation)
+
+    @property
+    def cfg(self) -> CFG:
+        """The CFG part, ``CFG(cfg_scale, cfg_schedule)``."""
+        return CFG(self.cfg_scale, self.cfg_schedule)
+
+    def coefficient(self, ctx: StepContext) -> float:
+        """Effective coefficient ``ρ s`` of ``(x_c − x̂_c)`` at this step."""
+        return weight(self.schedule, ctx) * self.scale
+
+    def branches(self, ctx: StepContext) -> tuple[Branch, ...]:
+        """The CFG part's branches, plus ``cond`` and the perturbed branch when active."""
+        own = (COND, self.pag_branch) if self.coefficient(ctx) != 0.0 else ()
+        return unique_branches(self.cfg.branches(ctx), own)
+
+    def apply(
+        self, pred: Array, outputs: Mapping[Branch, Array], ctx: StepContext, state: Any = None
+    ) -> tuple[Array, Any]:
+        """Add the CFG part, then ``ρ s (x_c − x̂_c)``."""
+        pred, state = self.cfg.apply(pred, outputs, ctx, state)
+        c = self.coefficient(ctx)
+        if c == 0.0:
+            return pred, state
+        needed = self.branches(ctx)
+        x_c = branch_output(outputs, COND, needed)
+        x_p = branch_output(outputs, self.pag_branch, needed)
+        return pred + c * (x_c - x_p), state
