@@ -325,13 +325,20 @@ class DemoClassifier(nn.Module):  # type: ignore[misc]
         self.config = cfg
         w = cfg.width
         self.features = nn.Sequential(
-            nn.Conv2d(1, w, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(w, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(1, w, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(w, w, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
             nn.Flatten(),
-            nn.Linear(2 * w * 16, cfg.features), nn.ReLU(),
-        )  # fmt: skip
+            nn.Linear(2 * w * 16, cfg.features),
+            nn.ReLU(),
+        )
         self.dropout = nn.Dropout(0.3)
         self.head = nn.Linear(cfg.features, cfg.num_classes)
 

