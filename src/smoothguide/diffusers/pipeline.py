@@ -1,0 +1,353 @@
+"""Run diffusers pipelines under any smoothguide guidance rule, all branches in one denoiser call.
+
+:class:`GuidedPipeline` wraps a pipeline (``StableDiffusionPipeline``,
+``StableDiffusionXLPipeline``; other pipelines through a registered
+:class:`PipelineAdapter`). During a call it puts the pipeline in CFG mode, so
+the pipeline itself prepares the unconditional and conditional inputs
+(negative / empty prompt embeddings, SDXL's added conditions, IP-Adapter
+embeddings, ControlNet residuals), and adds two hooks to the denoiser:
+
+- a forward pre-hook that asks the rule which branches it needs at this step,
+  selects those branches' rows from the pipeline's ``[uncond; cond]`` batch
+  (every tensor argument whose first axis is the incoming batch, also inside
+  dicts, lists and tuples), appends the perturbed branches' copies, and enters
+  the perturbations for their rows only; one forward runs everything;
+- a forward hook that splits the output by branch, combines it with
+  ``rule.combine`` and hands the pipeline the guided prediction once per
+  incoming chunk, so the pipeline's own ``u + w (c − u)`` returns it unchanged.
+
+Both hooks, the perturbations and the pipeline's guidance settings are removed
+or restored when the call ends, also after an exception or with
+``return_dict=False``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..branches import Branch
+from ..rules.base import GuidanceRule, StepContext
+from ..sampling.denoiser import _batch_order
+from ..torch import AttentionPatcher
+from ..torch._deps import torch
+from ._deps import diffusers
+from .family import patcher_for
+
+__all__ = [
+    "GuidedPipeline",
+    "PipelineAdapter",
+    "adapter_for",
+    "register_pipeline_adapter",
+    "scheduler_sigma",
+]
+
+
+def scheduler_sigma(pipe: Any, timestep: Any) -> float:
+    """Noise level σ (``x = x0 + σ ε`` scale) of a pipeline step at ``timestep``.
+
+    Uses the scheduler's ``sigmas`` at the index of ``timestep`` in its
+    ``timesteps`` when it has both (Euler, Heun, DPM-Solver with sigmas), else
+    ``sqrt((1 − ᾱ_t) / ᾱ_t)`` from ``alphas_cumprod`` (DDIM, DDPM, PNDM, ...).
+
+    Parameters
+    ----------
+    pipe
+        The pipeline (its ``scheduler`` is read).
+    timestep
+        The denoiser's timestep argument (number or tensor).
+
+    Returns
+    -------
+    float
+    """
+    t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+    scheduler = pipe.scheduler
+    sigmas = getattr(scheduler, "sigmas", None)
+    timesteps = getattr(scheduler, "timesteps", None)
+    if isinstance(sigmas, torch.Tensor) and isinstance(timesteps, torch.Tensor) and len(timesteps):
+        distance = (timesteps.double().cpu() - t).abs()
+        i = int(distance.argmin())
+        if float(distance[i]) <= 1e-3 * max(1.0, abs(t)) and i < len(sigmas):
+            return float(sigmas[i])
+    alphas = getattr(scheduler, "alphas_cumprod", None)
+    if isinstance(alphas, torch.Tensor):
+        a = float(alphas[min(max(round(t), 0), len(alphas) - 1)])
+        return math.sqrt((1.0 - a) / a)
+    raise ValueError(
+        f"cannot find the noise level of timestep {t} for {type(scheduler).__name__}: it has "
+        "neither sigmas/timesteps nor alphas_cumprod; pass a PipelineAdapter with sigma=..."
+    )
+
+
+def _cfg_layout(pipe: Any) -> tuple[str, ...]:
+    return ("uncond", "cond") if pipe.do_classifier_free_guidance else ("cond",)
+
+
+def _force_cfg(pipe: Any) -> dict[str, Any]:
+    # Any scale > 1 makes the pipeline prepare [uncond; cond]; the value itself
+    # never matters, since the pipeline receives the guided prediction twice.
+    return {"guidance_scale": 2.0}
+
+
+@dataclass(frozen=True)
+class PipelineAdapter:
+    """How :class:`GuidedPipeline` drives one kind of diffusers pipeline.
+
+    Parameters
+    ----------
+    name
+        Short identifier.
+    matches
+        ``pipe -> bool``.
+    denoiser
+        Attribute of the pipeline holding the denoiser (``"unet"``, ``"transformer"``).
+    incoming
+        ``pipe -> conditionings``: the chunks of the batch the pipeline passes
+        to the denoiser, in order (``("uncond", "cond")`` in CFG mode).
+    call_kwargs
+        ``pipe -> kwargs`` forced on the pipeline call (CFG mode); the user may
+        not pass these keys.
+    sigma
+        ``(pipe, timestep) -> σ`` for the rule's :class:`~smoothguide.rules.StepContext`.
+    """
+
+    name: str
+    matches: Callable[[Any], bool]
+    denoiser: str = "unet"
+    incoming: Callable[[Any], tuple[str, ...]] = _cfg_layout
+    call_kwargs: Callable[[Any], dict[str, Any]] = _force_cfg
+    sigma: Callable[[Any, Any], float] = scheduler_sigma
+
+
+_ADAPTERS: list[PipelineAdapter] = []
+
+
+def register_pipeline_adapter(adapter: PipelineAdapter) -> PipelineAdapter:
+    """Register ``adapter`` (replacing one of the same name); returns it."""
+    if not isinstance(adapter, PipelineAdapter):
+        raise TypeError(f"adapter must be a PipelineAdapter, got {type(adapter).__name__}")
+    _ADAPTERS[:] = [a for a in _ADAPTERS if a.name != adapter.name]
+    _ADAPTERS.append(adapter)
+    return adapter
+
+
+def adapter_for(pipe: Any) -> PipelineAdapter:
+    """The first registered :class:`PipelineAdapter` that matches ``pipe``.
+
+    Raises
+    ------
+    TypeError
+        If none does; the message lists the registered adapters.
+    """
+    for adapter in _ADAPTERS:
+        if adapter.matches(pipe):
+            return adapter
+    raise TypeError(
+        f"no smoothguide pipeline adapter serves {type(pipe).__name__}; registered: "
+        f"{[a.name for a in _ADAPTERS]}"
+    )
+
+
+register_pipeline_adapter(
+    PipelineAdapter(
+        "stable-diffusion",
+        matches=lambda pipe: isinstance(
+            pipe, diffusers.StableDiffusionPipeline | diffusers.StableDiffusionXLPipeline
+        ),
+    )
+)
+
+
+def _map_rows(value: Any, batch: int, index: torch.Tensor) -> Any:
+    """Index dim 0 of every tensor with ``batch`` rows, recursively in dicts/lists/tuples."""
+    if isinstance(value, torch.Tensor):
+        if value.ndim >= 1 and value.shape[0] == batch:
+            return value.index_select(0, index.to(value.device))
+        return value
+    if isinstance(value, dict):
+        return {k: _map_rows(v, batch, index) for k, v in value.items()}
+    if isinstance(value, list | tuple) and not hasattr(value, "_fields"):
+        return type(value)(_map_rows(v, batch, index) for v in value)
+    return value
+
+
+@dataclass
+class _Step:
+    order: list[Branch]
+    chunk: int
+    incoming: int
+    ctx: StepContext
+    stack: ExitStack = field(default_factory=ExitStack)
+
+
+class GuidedPipeline:
+    """A diffusers pipeline guided by a :mod:`smoothguide.rules` rule (CFG, SEG, PAG, ...).
+
+    Parameters
+    ----------
+    pipe
+        A ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` (or a
+        pipeline with a registered :class:`PipelineAdapter`).
+    rule
+        A :class:`~smoothguide.rules.GuidanceRule`, e.g. ``SEG(3.0, sigma=10.0)``
+        (SEG alone; pass an empty prompt for unconditional generation),
+        ``SEG(3.0, sigma=math.inf, cfg_scale=5.0)`` or
+        ``Compose(CFG(5.0), PAG(3.0))``.
+    patcher
+        The :class:`~smoothguide.torch.AttentionPatcher` of the denoiser;
+        default :func:`~smoothguide.diffusers.patcher_for` of it (UNet: the
+        ``"mid"`` preset unless a perturbation names layers).
+    adapter
+        Default :func:`adapter_for` of ``pipe``.
+
+    Notes
+    -----
+    CFG belongs to the rule: calling with ``guidance_scale`` raises
+    ``TypeError``. The pipeline's ``guidance_rescale`` would act on the guided
+    prediction; use :class:`~smoothguide.rules.Rescale` in the rule instead.
+    One denoiser call per step evaluates exactly the branches the rule needs at
+    that step (``[uncond, cond, perturbed...]``), so a neutral SEG or PAG scale
+    costs nothing.
+
+    Examples
+    --------
+    ``guided = GuidedPipeline(pipe, SEG(3.0, sigma=10.0, cfg_scale=5.0))`` then
+    ``image = guided("a photo of a cat", height=768, width=1024).images[0]``;
+    see ``docs/diffusers.md``.
+    """
+
+    def __init__(
+        self,
+        pipe: Any,
+        rule: GuidanceRule,
+        *,
+        patcher: AttentionPatcher | None = None,
+        adapter: PipelineAdapter | None = None,
+    ) -> None:
+        missing = [m for m in ("branches", "init_state", "combine") if not callable(getattr(rule, m, None))]
+        if missing:
+            raise TypeError(
+                "rule must be a GuidanceRule with branches(ctx), init_state() and "
+                f"combine(outputs, ctx, state); {type(rule).__name__} lacks {missing}"
+            )
+        self.adapter = adapter_for(pipe) if adapter is None else adapter
+        if not isinstance(self.adapter, PipelineAdapter):
+            raise TypeError(f"adapter must be a PipelineAdapter, got {type(self.adapter).__name__}")
+        self.pipe = pipe
+        self.rule = rule
+        denoiser = getattr(pipe, self.adapter.denoiser, None)
+        if not isinstance(denoiser, torch.nn.Module):
+            raise TypeError(
+                f"pipe.{self.adapter.denoiser} must be a torch.nn.Module, got "
+                f"{type(denoiser).__name__}"
+            )
+        self.denoiser: torch.nn.Module = denoiser
+        self.patcher = patcher_for(denoiser) if patcher is None else patcher
+        if self.patcher.model is not denoiser:
+            raise ValueError(f"patcher must patch pipe.{self.adapter.denoiser}, not another model")
+        self._steps: list[_Step] = []
+        self._calls = 0
+        self._state: Any = None
+
+    def __repr__(self) -> str:
+        return f"GuidedPipeline({type(self.pipe).__name__}, {self.rule!r})"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the pipeline (same arguments, minus its own guidance settings) under the rule."""
+        forced = self.adapter.call_kwargs(self.pipe)
+        clash = sorted(set(forced) & set(kwargs))
+        if clash:
+            raise TypeError(
+                f"GuidedPipeline sets {clash} itself; put CFG in the rule instead, e.g. "
+                "SEG(3.0, cfg_scale=5.0) or Compose(CFG(5.0), PAG(3.0))"
+            )
+        with self.guiding():
+            return self.pipe(*args, **kwargs, **forced)
+
+    @contextmanager
+    def guiding(self) -> Iterator[None]:
+        """Install the denoiser hooks for the duration of the context (one sampling run)."""
+        self._calls = 0
+        self._state = self.rule.init_state()
+        self._steps = []
+        with ExitStack() as stack:
+            pre = self.denoiser.register_forward_pre_hook(self._pre, with_kwargs=True)
+            stack.callback(pre.remove)
+            post = self.denoiser.register_forward_hook(self._post, always_call=True)
+            stack.callback(post.remove)
+            # After our pre-hook, so the patcher sees the expanded batch.
+            stack.enter_context(self.patcher.attached())
+            stack.callback(self._close_steps)
+            yield
+
+    def _close_steps(self) -> None:
+        while self._steps:
+            self._steps.pop().stack.close()
+
+    def _context(self, timestep: Any) -> StepContext:
+        sigma = self.adapter.sigma(self.pipe, timestep)
+        timesteps = getattr(self.pipe.scheduler, "timesteps", None)
+        n = len(timesteps) if timesteps is not None else 0
+        if 0 <= self._calls < n:
+            return StepContext(sigma, step=self._calls, num_steps=n)
+        return StepContext(sigma)
+
+    def _pre(
+        self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        if not isinstance(sample, torch.Tensor):
+            raise TypeError(
+                f"GuidedPipeline: pipe.{self.adapter.denoiser} was called without a latent tensor"
+            )
+        incoming = self.adapter.incoming(self.pipe)
+        batch = sample.shape[0]
+        if batch % len(incoming):
+            raise RuntimeError(
+                f"denoiser batch {batch} does not split into the chunks {incoming} the pipeline "
+                "should pass"
+            )
+        chunk = batch // len(incoming)
+        ctx = self._context(timestep)
+        self._calls += 1
+        order = _batch_order(self.rule.branches(ctx))
+        rows: list[int] = []
+        for b in order:
+            if b.conditioning not in incoming:
+                raise RuntimeError(
+                    f"the rule needs branch {b!r} but the pipeline passes only {incoming} "
+                    "(e.g. a guidance-distilled UNet with time_cond_proj_dim runs no "
+                    "unconditional branch)"
+                )
+            start = incoming.index(b.conditioning) * chunk
+            rows.extend(range(start, start + chunk))
+        index = torch.tensor(rows, device=sample.device)
+        step = _Step(order, chunk, batch, ctx)
+        self._steps.append(step)
+        for j, b in enumerate(order):
+            if b.perturbation is not None:
+                span = range(j * chunk, (j + 1) * chunk)
+                step.stack.enter_context(self.patcher.perturb(b.perturbation, span))
+        return _map_rows(args, batch, index), _map_rows(kwargs, batch, index)
+
+    def _post(self, module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        if not self._steps:
+            return None
+        step = self._steps.pop()
+        step.stack.close()
+        if output is None:  # the forward raised; torch re-raises it after this hook
+            return None
+        sample = output[0] if isinstance(output, tuple) else output.sample
+        chunk = step.chunk
+        outputs = {b: sample[j * chunk : (j + 1) * chunk] for j, b in enumerate(step.order)}
+        guided, self._state = self.rule.combine(outputs, step.ctx, self._state)
+        copies = step.incoming // chunk
+        full = guided if copies == 1 else torch.cat([guided] * copies, dim=0)
+        if isinstance(output, tuple):
+            return (full, *output[1:])
+        return type(output)(sample=full)
