@@ -114,6 +114,14 @@ class GuidanceRule(Protocol):
     ``combine(outputs, ctx, state)`` receives a mapping from each listed branch
     to its output and returns ``(prediction, new_state)``. ``init_state()``
     returns the state of a fresh sampling run (``None`` for stateless rules).
+
+    Examples
+    --------
+    >>> from smoothguide.rules import CFG
+    >>> isinstance(CFG(2.0), GuidanceRule)
+    True
+    >>> [b.conditioning for b in CFG(2.0).branches(StepContext(1.0))]
+    ['uncond', 'cond']
     """
 
     def branches(self, ctx: StepContext) -> tuple[Branch, ...]:  # pragma: no cover - protocol
@@ -135,6 +143,14 @@ class GuidanceTerm(Protocol):
     ``apply(pred, outputs, ctx, state)`` returns ``(new_pred, new_state)``; an
     inactive term returns ``pred`` itself (the same object) so that neutral
     settings reproduce the unguided prediction bit for bit.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from smoothguide.rules import Rescale
+    >>> x = np.array([[1.0, -1.0]])
+    >>> Rescale(0.0).apply(x, {COND: x}, StepContext(1.0))[0] is x  # neutral: same object
+    True
     """
 
     def branches(self, ctx: StepContext) -> tuple[Branch, ...]:  # pragma: no cover - protocol

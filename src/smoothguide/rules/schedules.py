@@ -30,7 +30,15 @@ AXES: tuple[str, ...] = ("sigma", "progress")
 
 @runtime_checkable
 class Schedule(Protocol):
-    """A weight per step: ``schedule(ctx) -> float >= 0``."""
+    """A weight per step: ``schedule(ctx) -> float >= 0``; any such callable works.
+
+    Examples
+    --------
+    >>> from smoothguide.rules import CFG
+    >>> late = CFG(5.0, schedule=lambda ctx: 1.0 if ctx.sigma < 1.0 else 0.0)
+    >>> len(late.branches(StepContext(2.0))), len(late.branches(StepContext(0.5)))
+    (1, 2)
+    """
 
     def __call__(self, ctx: StepContext) -> float:  # pragma: no cover - protocol
         ...

@@ -6,7 +6,7 @@ into a guided denoiser with the same contract; :func:`sample_euler` and
 run any such denoiser on any array-API backend.
 """
 
-from .denoiser import GuidedDenoiser, SteppableDenoiser
+from .denoiser import GuidedDenoiser, SteppableDenoiser, batch_order
 from .samplers import (
     SamplerStep,
     ddim_steps,
@@ -20,6 +20,7 @@ __all__ = [
     "GuidedDenoiser",
     "SamplerStep",
     "SteppableDenoiser",
+    "batch_order",
     "ddim_steps",
     "euler_steps",
     "karras_sigmas",

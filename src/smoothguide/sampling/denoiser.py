@@ -22,7 +22,7 @@ from .._array import Array, namespace
 from ..branches import Branch, Perturber
 from ..rules.base import GuidanceRule, StepContext
 
-__all__ = ["GuidedDenoiser", "SteppableDenoiser"]
+__all__ = ["GuidedDenoiser", "SteppableDenoiser", "batch_order"]
 
 
 @runtime_checkable
@@ -32,6 +32,12 @@ class SteppableDenoiser(Protocol):
     ``step(x, sigma, cond, ctx=..., state=...) -> (denoised, new_state)`` and
     ``init_state()`` for a fresh run. :class:`GuidedDenoiser` implements it; any
     other ``model(x, sigma, **cond)`` is called plainly.
+
+    Examples
+    --------
+    >>> from smoothguide.rules import CFG
+    >>> isinstance(GuidedDenoiser(lambda x, sigma: x, CFG(2.0)), SteppableDenoiser)
+    True
     """
 
     def init_state(self) -> Any:  # pragma: no cover - protocol
@@ -263,7 +269,7 @@ class GuidedDenoiser:
         if x.ndim < 1:
             raise ValueError(f"x must have a leading batch axis, got shape {tuple(x.shape)}")
         cond = {} if cond is None else dict(cond)
-        order = _batch_order(branches)
+        order = batch_order(branches)
         if not order:
             raise ValueError("branches must not be empty: a rule needs at least one branch")
         batch = int(x.shape[0])
@@ -310,11 +316,24 @@ class GuidedDenoiser:
                     "pass uncond={...} with the null conditioning to GuidedDenoiser"
                 )
             return {}
-        return {k: _broadcast_batch(v, batch, f"uncond[{k!r}]") for k, v in self.uncond.items()}
+        return {k: _broadcast_batch(v, batch) for k, v in self.uncond.items()}
 
 
-def _batch_order(branches: Sequence[Branch]) -> list[Branch]:
-    """Unique branches ordered ``[uncond, cond, perturbed...]``."""
+def batch_order(branches: Sequence[Branch]) -> list[Branch]:
+    """Unique branches in batch order: ``[uncond, cond, perturbed...]``.
+
+    The plain ``"uncond"`` and ``"cond"`` branches come first, then the perturbed
+    branches in the order given; duplicates are dropped. This is the row layout of
+    :class:`GuidedDenoiser`'s batched call (branch ``j`` owns rows
+    ``j * batch .. (j + 1) * batch - 1``).
+
+    Examples
+    --------
+    >>> from smoothguide.perturbations import QuerySmoothing
+    >>> seg = Branch("cond", QuerySmoothing(1.0))
+    >>> [b.conditioning for b in batch_order([seg, Branch("cond"), Branch("uncond"), seg])]
+    ['uncond', 'cond', 'cond']
+    """
     unique: dict[Branch, None] = {}
     for b in branches:
         if not isinstance(b, Branch):
@@ -324,7 +343,10 @@ def _batch_order(branches: Sequence[Branch]) -> list[Branch]:
     return plain + [b for b in unique if b.perturbation is not None]
 
 
-def _broadcast_batch(v: Any, batch: int, name: str) -> Any:
+_batch_order = batch_order  # the name smoothguide.diffusers imports
+
+
+def _broadcast_batch(v: Any, batch: int) -> Any:
     """Broadcast an array with a leading axis of 1 to ``batch``; other values unchanged."""
     if _is_array(v) and v.ndim >= 1 and v.shape[0] == 1 and batch != 1:
         xp = namespace(v)
@@ -349,7 +371,7 @@ def _merge_kwargs(
         if all(_is_array(v) and v.ndim >= 1 for v in values):
             parts = []
             for v in values:
-                v = _broadcast_batch(v, batch, k)
+                v = _broadcast_batch(v, batch)
                 if v.shape[0] != batch:
                     raise ValueError(
                         f"keyword argument {k!r} must have a leading batch axis of {batch} or 1 "

@@ -53,6 +53,13 @@ class SamplerStep:
         The sample at ``sigma_next``.
     denoised
         The denoiser's prediction at ``sigma``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> step = next(euler_steps(lambda x, sigma: 0 * x, np.ones((1, 1)), [1.0, 0.0]))
+    >>> step.index, step.sigma, step.sigma_next, step.x
+    (0, 1.0, 0.0, array([[0.]]))
     """
 
     index: int
