@@ -7,6 +7,15 @@ from types import ModuleType
 
 _EXTRA_HINT = "pip install smoothguide[demo]"
 
+try:
+    import torch
+except ImportError as _exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        f"smoothguide.demo needs PyTorch; install the demo extra: `{_EXTRA_HINT}`"
+    ) from _exc
+
+__all__ = ["require", "torch"]
+
 
 def require(module: str) -> ModuleType:
     """Import ``module`` or raise an ImportError that names the ``demo`` extra.

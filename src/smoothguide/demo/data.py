@@ -169,7 +169,7 @@ def load_demo_data(seed: int = 0, test_per_class: int = 50) -> DemoData:
         raise ValueError(f"test_per_class must be an int in 1..499, got {test_per_class!r}")
     pixels, labels, path, digest = _read_csv()
     images = resize_area(pixels.reshape(-1, _SOURCE_SIZE, _SOURCE_SIZE) / 255.0, IMAGE_SIZE)
-    images = (images * 2.0 - 1.0).astype(np.float32)[:, None]
+    scaled = (images * 2.0 - 1.0).astype(np.float32)[:, None]
     rng = np.random.default_rng(seed)
     test_idx: list[int] = []
     train_idx: list[int] = []
@@ -183,9 +183,9 @@ def load_demo_data(seed: int = 0, test_per_class: int = 50) -> DemoData:
     train = np.array(sorted(train_idx))
     test = np.array(sorted(test_idx))
     return DemoData(
-        train_images=np.ascontiguousarray(images[train]),
+        train_images=np.ascontiguousarray(scaled[train]),
         train_labels=labels[train].astype(np.int64),
-        test_images=np.ascontiguousarray(images[test]),
+        test_images=np.ascontiguousarray(scaled[test]),
         test_labels=labels[test].astype(np.int64),
         source=path,
         source_sha256=digest,

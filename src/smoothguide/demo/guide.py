@@ -14,10 +14,8 @@ from typing import Any
 
 from ..sampling import GuidedDenoiser, karras_sigmas, sample_euler
 from ..torch import AttentionPatcher
-from ._deps import require
+from ._deps import torch
 from .model import NULL_CLASS, SIGMA_MAX, SIGMA_MIN, Attention, DemoDenoiser
-
-torch = require("torch")
 
 __all__ = ["DEFAULT_LAYERS", "demo_patcher", "demo_sigmas", "guided_sample", "layer_presets"]
 
@@ -77,7 +75,7 @@ def demo_sigmas(steps: int) -> list[float]:
     return karras_sigmas(steps, SIGMA_MIN, SIGMA_MAX)
 
 
-@torch.no_grad()  # type: ignore[untyped-decorator,misc]
+@torch.no_grad()
 def guided_sample(
     denoiser: DemoDenoiser,
     rule: Any,

@@ -17,9 +17,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ._deps import require
-
-torch = require("torch")
+from ._deps import torch
 
 __all__ = [
     "classifier_scores",
@@ -90,7 +88,7 @@ def frechet_distance(features_a: npt.ArrayLike, features_b: npt.ArrayLike) -> fl
     return max(d, 0.0)
 
 
-@torch.no_grad()  # type: ignore[untyped-decorator,misc]
+@torch.no_grad()
 def embed(classifier: Any, images: Any, batch_size: int = 500) -> tuple[Any, Any]:
     """Features and softmax probabilities of ``images`` (``(n, 1, 16, 16)`` in ``[-1, 1]``).
 

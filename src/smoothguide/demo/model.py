@@ -21,10 +21,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ._deps import require
+from ._deps import torch
 
-torch = require("torch")
-nn = torch.nn
 F = torch.nn.functional
 
 __all__ = [
@@ -105,7 +103,7 @@ class DiTConfig:
         return asdict(self)
 
 
-class Attention(nn.Module):  # type: ignore[misc]
+class Attention(torch.nn.Module):
     """Multi-head self-attention in the diffusers layout.
 
     Parameters
@@ -127,10 +125,10 @@ class Attention(nn.Module):  # type: ignore[misc]
         if dim % heads:
             raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
         self.heads = heads
-        self.to_q = nn.Linear(dim, dim)
-        self.to_k = nn.Linear(dim, dim)
-        self.to_v = nn.Linear(dim, dim)
-        self.to_out = nn.Linear(dim, dim)
+        self.to_q = torch.nn.Linear(dim, dim)
+        self.to_k = torch.nn.Linear(dim, dim)
+        self.to_v = torch.nn.Linear(dim, dim)
+        self.to_out = torch.nn.Linear(dim, dim)
 
     def forward(self, x: Any) -> Any:
         """Attend over the tokens of ``x`` of shape ``(batch, tokens, dim)``."""
@@ -147,21 +145,23 @@ def _modulate(x: Any, shift: Any, scale: Any) -> Any:
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
-class DiTBlock(nn.Module):  # type: ignore[misc]
+class DiTBlock(torch.nn.Module):
     """Pre-norm transformer block with adaLN-Zero conditioning."""
 
     def __init__(self, hidden: int, heads: int, mlp_ratio: float) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.norm1 = torch.nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden, heads)
-        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.norm2 = torch.nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         inner = int(hidden * mlp_ratio)
-        self.mlp = nn.Sequential(
-            nn.Linear(hidden, inner), nn.GELU(approximate="tanh"), nn.Linear(inner, hidden)
+        self.mlp = torch.nn.Sequential(
+            torch.nn.Linear(hidden, inner),
+            torch.nn.GELU(approximate="tanh"),
+            torch.nn.Linear(inner, hidden),
         )
-        self.ada = nn.Linear(hidden, 6 * hidden)
-        nn.init.zeros_(self.ada.weight)
-        nn.init.zeros_(self.ada.bias)
+        self.ada = torch.nn.Linear(hidden, 6 * hidden)
+        torch.nn.init.zeros_(self.ada.weight)
+        torch.nn.init.zeros_(self.ada.bias)
 
     def forward(self, x: Any, c: Any) -> Any:
         """Apply the block to tokens ``x`` under conditioning vector ``c``."""
@@ -191,7 +191,7 @@ def timestep_embedding(t: Any, dim: int) -> Any:
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-class DemoDiT(nn.Module):  # type: ignore[misc]
+class DemoDiT(torch.nn.Module):
     """Class-conditional epsilon-prediction DiT on 16x16x1 images.
 
     ``forward(x_t, t, class_labels)`` takes the VP-scaled noisy image
@@ -212,19 +212,21 @@ class DemoDiT(nn.Module):  # type: ignore[misc]
         cfg = config or DiTConfig()
         self.config = cfg
         h, p = cfg.hidden, cfg.patch
-        self.patch_embed = nn.Linear(cfg.channels * p * p, h)
+        self.patch_embed = torch.nn.Linear(cfg.channels * p * p, h)
         self.register_buffer("pos_embed", _sincos_2d(h, cfg.grid), persistent=False)
-        self.t_embed = nn.Sequential(nn.Linear(h, h), nn.SiLU(), nn.Linear(h, h))
-        self.y_embed = nn.Embedding(cfg.num_classes + 1, h)
-        self.blocks = nn.ModuleList(
+        self.t_embed = torch.nn.Sequential(
+            torch.nn.Linear(h, h), torch.nn.SiLU(), torch.nn.Linear(h, h)
+        )
+        self.y_embed = torch.nn.Embedding(cfg.num_classes + 1, h)
+        self.blocks = torch.nn.ModuleList(
             [DiTBlock(h, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth)]
         )
-        self.final_norm = nn.LayerNorm(h, elementwise_affine=False, eps=1e-6)
-        self.final_ada = nn.Linear(h, 2 * h)
-        self.final = nn.Linear(h, cfg.channels * p * p)
+        self.final_norm = torch.nn.LayerNorm(h, elementwise_affine=False, eps=1e-6)
+        self.final_ada = torch.nn.Linear(h, 2 * h)
+        self.final = torch.nn.Linear(h, cfg.channels * p * p)
         for lin in (self.final_ada, self.final):
-            nn.init.zeros_(lin.weight)
-            nn.init.zeros_(lin.bias)
+            torch.nn.init.zeros_(lin.weight)
+            torch.nn.init.zeros_(lin.bias)
 
     def forward(self, x: Any, t: Any, class_labels: Any) -> Any:
         """Predict the noise of ``x`` at schedule times ``t`` for ``class_labels``."""
@@ -243,7 +245,7 @@ class DemoDiT(nn.Module):  # type: ignore[misc]
         return out.reshape(b, g, g, ch, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, ch, hh, ww)
 
 
-class DemoDenoiser(nn.Module):  # type: ignore[misc]
+class DemoDenoiser(torch.nn.Module):
     """k-diffusion style denoiser over :class:`DemoDiT`.
 
     ``denoiser(x, sigma, *, class_labels)`` returns the estimate of the clean image
@@ -306,7 +308,7 @@ class ClassifierConfig:
         return asdict(self)
 
 
-class DemoClassifier(nn.Module):  # type: ignore[misc]
+class DemoClassifier(torch.nn.Module):
     """Tiny CNN on 16x16 digits in ``[-1, 1]``: the demo's feature network.
 
     ``forward`` returns class logits, :meth:`embed` the penultimate features used
@@ -324,23 +326,23 @@ class DemoClassifier(nn.Module):  # type: ignore[misc]
         cfg = config or ClassifierConfig()
         self.config = cfg
         w = cfg.width
-        self.features = nn.Sequential(
-            nn.Conv2d(1, w, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(w, w, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(w, 2 * w, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(2 * w, 2 * w, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Flatten(),
-            nn.Linear(2 * w * 16, cfg.features),
-            nn.ReLU(),
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(1, w, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(w, w, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(w, 2 * w, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(2 * w, 2 * w, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.MaxPool2d(2),
+            torch.nn.Flatten(),
+            torch.nn.Linear(2 * w * 16, cfg.features),
+            torch.nn.ReLU(),
         )
-        self.dropout = nn.Dropout(0.3)
-        self.head = nn.Linear(cfg.features, cfg.num_classes)
+        self.dropout = torch.nn.Dropout(0.3)
+        self.head = torch.nn.Linear(cfg.features, cfg.num_classes)
 
     def embed(self, x: Any) -> Any:
         """Penultimate features, shape ``(batch, features)``."""

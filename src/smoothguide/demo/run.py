@@ -26,15 +26,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..rules import CFG, PAG, SEG
-from ._deps import require
+from ._deps import require, torch
 from .data import load_demo_data
 from .guide import DEFAULT_LAYERS, demo_patcher, guided_sample
 from .metrics import classifier_scores, deviation, embed, frechet_distance, mean_intensity
 from .model import NULL_CLASS
 from .plots import save_grid, save_pareto
 from .weights import DIT_FILE, load_classifier, load_config, load_denoiser
-
-torch = require("torch")
 
 __all__ = ["DemoSettings", "Method", "build_parser", "main", "methods", "run_demo"]
 
@@ -98,7 +96,9 @@ class Method:
     key: str = field(default="", compare=False)
 
 
-def _sig(s: float) -> str:
+def _sig(s: float | None) -> str:
+    if s is None:
+        return ""
     return "∞" if math.isinf(s) else f"{s:g}"
 
 

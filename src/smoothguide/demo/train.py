@@ -30,7 +30,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from ._deps import require
+from ._deps import require, torch
 from .data import load_demo_data
 from .model import (
     NULL_CLASS,
@@ -52,7 +52,6 @@ from .weights import (
     save_tensors,
 )
 
-torch = require("torch")
 F = torch.nn.functional
 
 __all__ = ["build_parser", "main"]
@@ -83,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, default=5)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--classifier-epochs", type=int, default=10)
+    p.add_argument(
+        "--classifier-steps", type=int, default=None, help="cap on classifier steps (tests)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the split, init and batches")
     p.add_argument(
         "--checkpoint-dir",
@@ -126,7 +128,7 @@ def _shift_augment(x: Any, gen: Any) -> Any:
 
 
 def _train_classifier(
-    data: Any, epochs: int, seed: int, progress: bool, device: Any
+    data: Any, epochs: int, seed: int, progress: bool, device: Any, max_steps: int | None = None
 ) -> tuple[Any, float]:
     tqdm = require("tqdm").tqdm
     torch.manual_seed(seed)
@@ -137,12 +139,18 @@ def _train_classifier(
     y = torch.from_numpy(data.train_labels)
     n, bs = x.shape[0], 128
     steps = epochs * math.ceil(n / bs)
+    if max_steps is not None:
+        steps = min(steps, max_steps)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
     bar = tqdm(total=steps, desc="classifier", disable=not progress, mininterval=2.0)
     net.train()
+    done = 0
     for _ in range(epochs):
         perm = torch.randperm(n, generator=gen)
         for i in range(0, n, bs):
+            if done == steps:
+                break
+            done += 1
             idx = perm[i : i + bs]
             xb = _shift_augment(x[idx], gen).to(device)
             loss = F.cross_entropy(net(xb), y[idx].to(device), label_smoothing=0.05)
@@ -373,7 +381,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if clf is None:
         _log("training the classifier / feature network")
         t0 = time.monotonic()
-        clf, acc = _train_classifier(data, args.classifier_epochs, args.seed, progress, device)
+        clf, acc = _train_classifier(
+            data, args.classifier_epochs, args.seed, progress, device, args.classifier_steps
+        )
         meta["classifier_acc"] = round(acc, 4)
         parts["clf"] = clf
         _log(f"classifier held-out accuracy {acc:.4f} ({time.monotonic() - t0:.0f} s)")
@@ -401,9 +411,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             stopped_by_budget = True
             break
         step = meta["step"]
-        idx = torch.randint(0, n, (args.batch_size,), generator=gen)
-        x0 = x_all[idx].to(device)
-        y = y_all[idx].clone()
+        batch_idx = torch.randint(0, n, (args.batch_size,), generator=gen)
+        x0 = x_all[batch_idx].to(device)
+        y = y_all[batch_idx].clone()
         drop = torch.rand(args.batch_size, generator=gen) < args.label_dropout
         y[drop] = NULL_CLASS
         u = (torch.arange(args.batch_size) + torch.rand(1, generator=gen)) / args.batch_size

@@ -26,8 +26,6 @@ from .model import (
     DiTConfig,
 )
 
-torch = require("torch")
-
 __all__ = [
     "CLASSIFIER_FILE",
     "CONFIG_FILE",

