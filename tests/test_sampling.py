@@ -174,6 +174,28 @@ def test_unconditional_model_and_conditioning_errors() -> None:
         guided(model, CFG(3.0))(x, 1.0, class_labels=np.array([0, 1, 2]))
 
 
+def test_nested_mapping_and_constant_keyword_arguments_are_batched() -> None:
+    """SDXL-style ``added_cond_kwargs`` dicts are stacked per key; equal constants pass through."""
+    calls: list[tuple[int, bool]] = []
+
+    def model(x: Any, sigma: Any, *, added: Mapping[str, Any], flag: bool) -> Any:
+        calls.append((x.shape[0], flag))
+        return x * sigma + added["emb"][:, :, None, None] + 2.0 * added["time"][:, None, None, None]
+
+    x = noise()
+    cond = {"added": {"emb": np.ones((B, 2)), "time": np.array([1.0, 2.0])}, "flag": True}
+    uncond = {"added": {"emb": np.zeros((1, 2)), "time": np.array([0.5])}, "flag": True}
+    one = GuidedDenoiser(model, CFG(3.0), uncond=uncond)(x, 0.5, **cond)
+    sep = GuidedDenoiser(model, CFG(3.0), uncond=uncond, batched=False)(x, 0.5, **cond)
+    assert calls == [(2 * B, True), (B, True), (B, True)]
+    x_c = x * 0.5 + 1.0 + 2.0 * np.array([1.0, 2.0])[:, None, None, None]
+    x_u = x * 0.5 + 2.0 * 0.5
+    np.testing.assert_allclose(one, x_u + 3.0 * (x_c - x_u), rtol=1e-12)
+    np.testing.assert_allclose(sep, one, rtol=1e-12)
+    with pytest.raises(ValueError, match=r"'flag': its values differ"):
+        GuidedDenoiser(model, CFG(3.0), uncond={**uncond, "flag": False})(x, 0.5, **cond)
+
+
 def test_sigma_per_sample_and_scalar_forms_agree() -> None:
     model, x = toy(), noise()
     g = guided(model, SEG(2.0, sigma=1.0, cfg_scale=3.0))

@@ -347,7 +347,9 @@ _batch_order = batch_order  # the name smoothguide.diffusers imports
 
 
 def _broadcast_batch(v: Any, batch: int) -> Any:
-    """Broadcast an array with a leading axis of 1 to ``batch``; other values unchanged."""
+    """Broadcast arrays with a leading axis of 1 to ``batch`` (also inside mappings)."""
+    if isinstance(v, Mapping):
+        return {k: _broadcast_batch(u, batch) for k, u in v.items()}
     if _is_array(v) and v.ndim >= 1 and v.shape[0] == 1 and batch != 1:
         xp = namespace(v)
         return xp.broadcast_to(v, (batch, *v.shape[1:]))
@@ -357,6 +359,7 @@ def _broadcast_batch(v: Any, batch: int) -> Any:
 def _merge_kwargs(
     xp: Any, kwargs: list[dict[str, Any]], order: list[Branch], batch: int
 ) -> dict[str, Any]:
+    """Stack the branches' keyword arguments along axis 0, in branch order."""
     keys = set(kwargs[0])
     for b, kw in zip(order, kwargs, strict=True):
         if set(kw) != keys:
@@ -365,28 +368,36 @@ def _merge_kwargs(
                 f"{order[0]!r} has {sorted(keys)}, {b!r} has {sorted(kw)}; give uncond= the "
                 "same keys as the call, or use batched=False"
             )
-    merged: dict[str, Any] = {}
-    for k in sorted(keys):
-        values = [kw[k] for kw in kwargs]
-        if all(_is_array(v) and v.ndim >= 1 for v in values):
-            parts = []
-            for v in values:
-                v = _broadcast_batch(v, batch)
-                if v.shape[0] != batch:
-                    raise ValueError(
-                        f"keyword argument {k!r} must have a leading batch axis of {batch} or 1 "
-                        f"to be batched, got shape {tuple(v.shape)}; use batched=False"
-                    )
-                parts.append(v)
-            merged[k] = xp.concat(parts, axis=0)
-        elif all(_same(values[0], v) for v in values[1:]):
-            merged[k] = values[0]
-        else:
+    return {k: _merge_value(xp, [kw[k] for kw in kwargs], batch, repr(k)) for k in sorted(keys)}
+
+
+def _merge_value(xp: Any, values: list[Any], batch: int, name: str) -> Any:
+    """Merge one keyword argument: concat arrays, recurse into mappings, keep equal constants."""
+    if all(isinstance(v, Mapping) for v in values):
+        keys = set(values[0])
+        if any(set(v) != keys for v in values):
             raise ValueError(
-                f"cannot batch keyword argument {k!r}: its values differ between branches and "
-                "are not arrays with a batch axis; use batched=False"
+                f"cannot batch keyword argument {name}: its keys differ between branches "
+                f"({[sorted(v) for v in values]}); use batched=False"
             )
-    return merged
+        return {k: _merge_value(xp, [v[k] for v in values], batch, f"{name}[{k!r}]") for k in keys}
+    if all(_is_array(v) and v.ndim >= 1 for v in values):
+        parts = []
+        for v in values:
+            v = _broadcast_batch(v, batch)
+            if v.shape[0] != batch:
+                raise ValueError(
+                    f"keyword argument {name} must have a leading batch axis of {batch} or 1 "
+                    f"to be batched, got shape {tuple(v.shape)}; use batched=False"
+                )
+            parts.append(v)
+        return xp.concat(parts, axis=0)
+    if all(_same(values[0], v) for v in values[1:]):
+        return values[0]
+    raise ValueError(
+        f"cannot batch keyword argument {name}: its values differ between branches and "
+        "are not arrays with a batch axis; use batched=False"
+    )
 
 
 def _repeat_sigma(xp: Any, sigma: Any, batch: int, n: int) -> Any:
