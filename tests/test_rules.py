@@ -144,6 +144,15 @@ def test_seg_conventions_agree_for_s_equal_gamma_minus_one(
     np.testing.assert_allclose(a, b, **tol(backend))
 
 
+def test_seg_parameters_reach_the_query_smoothing_spec() -> None:
+    rule = SEG(2.0, sigma=(1.0, 4.0), mode="mirror", radius=3, layers="attn1")
+    expected = QuerySmoothing((1.0, 4.0), mode="mirror", radius=3, layers=("attn1",))
+    assert rule.perturbation == expected
+    assert rule.seg_branch == Branch("cond", expected)
+    assert SEG(sigma=math.inf).perturbation == QuerySmoothing(math.inf)
+    assert SEG(sigma=(0.0, 2.0, 2.0)).branches(CTX)[-1].perturbation.sigma == (0.0, 2.0, 2.0)
+
+
 @FAST
 @given(shape=shapes, s=scales, w=scales, seed=seeds)
 def test_pag_formula(backend: Any, shape: tuple[int, ...], s: float, w: float, seed: int) -> None:

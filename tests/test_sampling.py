@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import math
+import subprocess
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -529,3 +530,13 @@ def test_callback_sees_every_step() -> None:
         (1, 2.0, 1.0),
         (2, 1.0, 0.0),
     ]
+
+
+def test_rules_and_sampling_import_no_framework() -> None:
+    """The core layers import neither torch, scipy nor tqdm (tqdm only when a bar is shown)."""
+    code = (
+        "import sys, smoothguide.rules, smoothguide.sampling; "
+        "print(sorted(m for m in ('torch', 'scipy', 'tqdm', 'jax') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
