@@ -30,7 +30,8 @@ def test_equals_portable_core(grid: TokenGrid, method: str, mode: str) -> None:
             continue
         ref = smoothguide.smooth_queries(q, grid, sigma, mode=mode)
         out = smooth_queries(q, grid, sigma, mode=mode, method=method)
-        assert out.shape == q.shape and out.dtype == q.dtype
+        assert out.shape == q.shape
+        assert out.dtype == q.dtype
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
 
 
@@ -50,7 +51,8 @@ def test_sigma_zero_is_exact_identity_and_prefix_untouched() -> None:
     q = torch.randn(2, grid.num_tokens, 3)
     assert torch.equal(smooth_queries(q, grid, 0.0), q)
     out = smooth_queries(q, grid, 2.0)
-    assert torch.equal(out[:, :2], q[:, :2]) and torch.equal(out[:, -1:], q[:, -1:])
+    assert torch.equal(out[:, :2], q[:, :2])
+    assert torch.equal(out[:, -1:], q[:, -1:])
     assert not torch.allclose(out[:, 2:-1], q[:, 2:-1])
 
 
@@ -74,7 +76,8 @@ def test_blur_matrix_cache_is_keyed_by_dtype_and_device() -> None:
     a = axis_blur_matrix(9, 2.0, None, "reflect", torch.float32, cpu)
     assert axis_blur_matrix(9, 2.0, None, "reflect", torch.float32, cpu) is a
     b = axis_blur_matrix(9, 2.0, None, "reflect", torch.float64, cpu)
-    assert b.dtype == torch.float64 and a.dtype == torch.float32
+    assert b.dtype == torch.float64
+    assert a.dtype == torch.float32
     np.testing.assert_allclose(b.numpy(), smoothguide.blur_matrix(9, 2.0), atol=0)
 
 
