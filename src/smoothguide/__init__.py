@@ -18,16 +18,46 @@ from .energy import (
 )
 from .grid import TokenGrid
 from .perturbations import IdentityAttention, Perturbation, QuerySmoothing
+from .rules import (
+    APG,
+    CFG,
+    PAG,
+    SEG,
+    Compose,
+    Constant,
+    CosineRamp,
+    GuidanceRule,
+    GuidanceTerm,
+    Interval,
+    LinearRamp,
+    Rescale,
+    StepContext,
+)
+from .sampling import GuidedDenoiser, karras_sigmas, sample_ddim, sample_euler
 from .smoothing import blur_matrix, default_radius, gaussian_kernel1d, smooth_queries
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "APG",
+    "CFG",
+    "PAG",
+    "SEG",
     "Branch",
+    "Compose",
+    "Constant",
+    "CosineRamp",
+    "GuidanceRule",
+    "GuidanceTerm",
+    "GuidedDenoiser",
     "IdentityAttention",
+    "Interval",
+    "LinearRamp",
     "Perturbation",
     "Perturber",
     "QuerySmoothing",
+    "Rescale",
+    "StepContext",
     "TokenGrid",
     "__version__",
     "attention",
@@ -37,9 +67,12 @@ __all__ = [
     "default_radius",
     "diagonal_curvature_logdet",
     "gaussian_kernel1d",
+    "karras_sigmas",
     "lse_energy",
     "lse_energy_grad",
     "lse_energy_hessian",
+    "sample_ddim",
+    "sample_euler",
     "smooth_queries",
     "smoothed_energy_hessian",
 ]
