@@ -140,7 +140,7 @@ def test_layers_presets_and_errors() -> None:
     picked = p.resolve(["up.0", MID, "up.0"])
     assert picked == p.resolve([MID, "up.0"])
     assert picked == tuple(n for n in layers if n in {*presets["up.0"], MID})
-    assert len(presets["up.0"]) == 2
+    assert len(presets["up.0"]) == 4  # 2 attentions (layers_per_block + 1) x 2 blocks
     with pytest.raises(ValueError, match=r"matches no layer.*available layers.*mid_block"):
         p.resolve("down.0")
     with pytest.raises(ValueError, match=r"unknown.*'middle'.*presets.*'mid'"):
