@@ -1,0 +1,177 @@
+"""Sphinx configuration of the smoothguide documentation.
+
+Build (what ``nox -s docs`` runs)::
+
+    python docs/figures/make_figures.py
+    sphinx-build -W --keep-going -b html docs docs/_build/html
+
+Pages are Markdown (MyST); the API reference is autodoc over the NumPy-style
+docstrings (napoleon). Everything works offline: no intersphinx, no remote images.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT / "src"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import smoothguide  # noqa: E402
+
+project = "smoothguide"
+author = "smoothguide developers"
+copyright = "2026, smoothguide developers"
+release = smoothguide.__version__
+version = release
+
+extensions = [
+    "myst_parser",
+    "sphinx.ext.autodoc",
+    "sphinx.ext.autosummary",
+    "sphinx.ext.napoleon",
+    "sphinx.ext.mathjax",
+    "sphinx.ext.viewcode",
+]
+
+source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
+root_doc = "index"
+exclude_patterns = [
+    "_build",
+    "figures/*.py",
+    "examples/*.py",
+    "README.md",
+    "Thumbs.db",
+    ".DS_Store",
+]
+
+# -- MyST ------------------------------------------------------------------------------------
+myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist"]
+myst_heading_anchors = 3
+suppress_warnings = ["myst.header"]
+
+# -- autodoc / napoleon ------------------------------------------------------------------------
+# napoleon reads the NumPy-style sections; numpydoc would add member tables that
+# duplicate the dataclass fields autodoc already documents.
+napoleon_google_docstring = False
+napoleon_numpy_docstring = True
+napoleon_use_ivar = True  # "Attributes" as a field list, not duplicate attribute objects
+napoleon_use_rtype = False
+napoleon_preprocess_types = False
+autodoc_default_options = {
+    "members": True,
+    "show-inheritance": True,
+    "member-order": "bysource",
+}
+autodoc_typehints = "signature"
+autodoc_typehints_format = "short"
+autodoc_preserve_defaults = True
+autodoc_class_signature = "mixed"
+autodoc_inherit_docstrings = True
+autosummary_generate = False  # the API pages are written by hand: no generated files
+add_module_names = False
+python_use_unqualified_type_names = True
+nitpicky = False
+
+# -- HTML ---------------------------------------------------------------------------------------
+html_theme = "furo"
+html_title = f"smoothguide {release}"
+html_static_path: list[str] = []
+html_last_updated_fmt = None
+pygments_style = "friendly"
+pygments_dark_style = "monokai"
+
+# -- pages other helpers own: listed only when present --------------------------------------------
+#: Pages written outside docs/ ownership (rules, adapters, reliability). A page
+#: that exists is added to the toctree that names its marker; a missing page is
+#: left out, so the build never fails on a page that has not landed yet.
+OPTIONAL_PAGES = {
+    "guides": ["rules", "torch", "diffusers", "transformers", "reliability"],
+}
+_MARKER = re.compile(r"<!-- optional-toctree: (\w+) -->")
+
+
+def present_pages(group: str) -> list[str]:
+    """The pages of ``group`` that exist in docs/."""
+    return [p for p in OPTIONAL_PAGES[group] if (HERE / f"{p}.md").is_file()]
+
+
+def _optional_toctree(app: Any, docname: str, source: list[str]) -> None:
+    def toctree(match: re.Match[str]) -> str:
+        pages = present_pages(match.group(1))
+        if not pages:
+            return ""
+        body = "\n".join(pages)
+        return f"```{{toctree}}\n:maxdepth: 1\n:caption: Guides\n\n{body}\n```\n"
+
+    source[0] = _MARKER.sub(toctree, source[0])
+
+
+def _optional_links(app: Any, docname: str, source: list[str]) -> None:
+    """``{optional}`page|text``` becomes a link when docs/page.md exists, else plain text."""
+
+    def link(match: re.Match[str]) -> str:
+        page, text = match.group(1), match.group(2)
+        if (HERE / f"{page}.md").is_file():
+            return f"{{doc}}`{text} <{'/' + page}>`"
+        return f"{text} (guide not in this build; see the {{doc}}`API reference </api/index>`)"
+
+    source[0] = re.sub(r"\{optional\}`([\w/-]+)\|([^`]+)`", link, source[0])
+
+
+#: Pages whose text depends on which optional pages exist: re-read on every build.
+DYNAMIC_PAGES = ["index", "tutorials/diffusers"]
+
+
+def _always_reread(app: Any, env: Any, added: Any, changed: Any, removed: Any) -> list[str]:
+    return [d for d in DYNAMIC_PAGES if d in env.found_docs]
+
+
+# -- re-exports: `smoothguide.X` links to where X is documented ------------------------------------
+
+
+def _resolve_alias(app: Any, env: Any, node: Any, contnode: Any) -> Any:
+    """Resolve ``smoothguide.blur_matrix``-style references to the documented object.
+
+    The public names are re-exported from packages (``smoothguide``,
+    ``smoothguide.rules``, ...) but documented once, in the module that defines
+    them. A reference to a re-export is redirected to that definition.
+    """
+    if node.get("refdomain") != "py":
+        return None
+    target = node.get("reftarget", "")
+    if not target.startswith("smoothguide."):
+        return None
+    modname, _, attr = target.rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(modname), attr)
+    except (ImportError, AttributeError, ValueError):
+        return None
+    real_mod = getattr(obj, "__module__", None)
+    qualname = getattr(obj, "__qualname__", attr)
+    if not real_mod or f"{real_mod}.{qualname}" == target:
+        return None
+    domain = env.get_domain("py")
+    new_target = f"{real_mod}.{qualname}"
+    if new_target not in domain.objects:
+        return None
+    node["reftarget"] = new_target
+    return domain.resolve_xref(
+        env, node["refdoc"], app.builder, node["reftype"], new_target, node, contnode
+    )
+
+
+def setup(app: Any) -> dict[str, Any]:
+    app.connect("source-read", _optional_toctree)
+    app.connect("source-read", _optional_links)
+    app.connect("env-get-outdated", _always_reread)
+    app.connect("missing-reference", _resolve_alias)
+    return {"parallel_read_safe": True, "parallel_write_safe": True}
