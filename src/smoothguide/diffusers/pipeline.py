@@ -228,7 +228,9 @@ class GuidedPipeline:
         patcher: AttentionPatcher | None = None,
         adapter: PipelineAdapter | None = None,
     ) -> None:
-        missing = [m for m in ("branches", "init_state", "combine") if not callable(getattr(rule, m, None))]
+        missing = [
+            m for m in ("branches", "init_state", "combine") if not callable(getattr(rule, m, None))
+        ]
         if missing:
             raise TypeError(
                 "rule must be a GuidanceRule with branches(ctx), init_state() and "

@@ -1,0 +1,239 @@
+"""GuidedPipeline on tiny StableDiffusion / StableDiffusionXL pipelines (random weights, CPU)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+from smoothguide.diffusers.pipeline import GuidedPipeline  # noqa: E402
+from smoothguide.rules import CFG, PAG, SEG, Compose  # noqa: E402
+
+H, W = 32, 48  # non-square image; latent 16 x 24 (VAE factor 2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Any:
+    """Tiny tensors: one intra-op thread avoids oversubscribing a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _tokenizer() -> Any:
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2, "cat</w>": 3, "photo</w>": 4}
+    return transformers.CLIPTokenizer(vocab=vocab, merges=[], model_max_length=8)
+
+
+def _text_encoder(projection: bool = False) -> Any:
+    torch.manual_seed(1)
+    config = transformers.CLIPTextConfig(
+        vocab_size=16,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=8,
+        projection_dim=16,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    cls = transformers.CLIPTextModelWithProjection if projection else transformers.CLIPTextModel
+    return cls(config).eval()
+
+
+def _vae() -> Any:
+    torch.manual_seed(2)
+    return diffusers.AutoencoderKL(
+        block_out_channels=(8, 8),
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=4,
+        layers_per_block=1,
+    ).eval()
+
+
+def _unet(xl: bool) -> Any:
+    torch.manual_seed(0)
+    kw: dict[str, Any] = dict(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        attention_head_dim=4,
+        norm_num_groups=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+    )
+    if xl:
+        kw.update(
+            cross_attention_dim=32,  # both text encoders' hidden states, concatenated
+            addition_embed_type="text_time",
+            addition_time_embed_dim=4,
+            projection_class_embeddings_input_dim=6 * 4 + 16,
+            transformer_layers_per_block=(1, 2),
+        )
+    return diffusers.UNet2DConditionModel(**kw).eval()
+
+
+def make_pipe(kind: str) -> Any:
+    scheduler = diffusers.EulerDiscreteScheduler(steps_offset=1)
+    if kind == "sd":
+        pipe = diffusers.StableDiffusionPipeline(
+            vae=_vae(),
+            text_encoder=_text_encoder(),
+            tokenizer=_tokenizer(),
+            unet=_unet(xl=False),
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    else:
+        pipe = diffusers.StableDiffusionXLPipeline(
+            vae=_vae(),
+            text_encoder=_text_encoder(),
+            text_encoder_2=_text_encoder(projection=True),
+            tokenizer=_tokenizer(),
+            tokenizer_2=_tokenizer(),
+            unet=_unet(xl=True),
+            scheduler=scheduler,
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+_PIPES: dict[str, Any] = {}
+
+
+@pytest.fixture(scope="module", params=["sd", "sdxl"])
+def pipe(request: pytest.FixtureRequest) -> Any:
+    if request.param not in _PIPES:
+        _PIPES[request.param] = make_pipe(request.param)
+    return _PIPES[request.param]
+
+
+class UNetBatches:
+    """Records the batch size the UNet really runs (seen by its first conv)."""
+
+    def __init__(self, pipe: Any) -> None:
+        self.batches: list[int] = []
+        self.handle = pipe.unet.conv_in.register_forward_pre_hook(
+            lambda m, args: self.batches.append(args[0].shape[0])
+        )
+
+    def __enter__(self) -> UNetBatches:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.remove()
+
+
+def call(fn: Any, prompt: str = "a cat", steps: int = 2, **kw: Any) -> Any:
+    gen = torch.Generator().manual_seed(0)
+    kw.setdefault("output_type", "pt")
+    return fn(prompt, height=H, width=W, num_inference_steps=steps, generator=gen, **kw)
+
+
+def no_hooks(module: Any) -> bool:
+    return all(not m._forward_hooks and not m._forward_pre_hooks for m in module.modules())
+
+
+CASES = [
+    ("cfg+seg", SEG(3.0, sigma=10.0, cfg_scale=5.0), "a cat", 3),
+    ("seg-only", SEG(3.0, sigma=math.inf), "", 2),  # unconditional: empty prompt, no CFG
+    ("pag", PAG(3.0), "a cat", 2),
+    ("cfg+pag", Compose(CFG(5.0), PAG(3.0)), "a cat", 3),
+]
+
+
+@pytest.mark.parametrize(("name", "rule", "prompt", "branches"), CASES, ids=[c[0] for c in CASES])
+def test_rules_run_batched_in_one_unet_call_per_step(
+    pipe: Any, name: str, rule: Any, prompt: str, branches: int
+) -> None:
+    before = dict(pipe.unet.attn_processors)
+    with UNetBatches(pipe) as seen:
+        images = call(GuidedPipeline(pipe, rule), prompt, num_images_per_prompt=2).images
+    assert images.shape == (2, 3, H, W)
+    assert torch.isfinite(images).all()
+    assert seen.batches == [branches * 2] * 2  # 2 steps, one call each, all branches batched
+    assert no_hooks(pipe.unet)
+    assert all(pipe.unet.attn_processors[k] is v for k, v in before.items())
+
+
+def test_guided_prediction_is_the_rule_of_the_batched_outputs(pipe: Any) -> None:
+    """What the scheduler receives is u + 5 (c - u) + 3 (c - s) of the UNet's own rows."""
+    raw: list[Any] = []
+    used: list[Any] = []
+    handle = pipe.unet.register_forward_hook(lambda m, a, out: raw.append(out[0].clone()))
+    step = pipe.scheduler.step
+
+    def recording_step(model_output: Any, *args: Any, **kwargs: Any) -> Any:
+        used.append(model_output.clone())
+        return step(model_output, *args, **kwargs)
+
+    pipe.scheduler.step = recording_step
+    try:
+        call(GuidedPipeline(pipe, SEG(3.0, sigma=2.0, cfg_scale=5.0)), steps=1)
+    finally:
+        del pipe.scheduler.step
+        handle.remove()
+    u, c, s = raw[0].chunk(3)
+    assert not torch.allclose(c, s)  # the blurred branch really differs
+    torch.testing.assert_close(used[0], u + 5.0 * (c - u) + 3.0 * (c - s), rtol=1e-5, atol=1e-6)
+
+
+def test_neutral_scale_adds_no_unet_work_and_matches_the_plain_pipeline(pipe: Any) -> None:
+    plain_cfg = call(pipe, guidance_scale=5.0).images
+    plain = call(pipe, guidance_scale=1.0).images
+    with UNetBatches(pipe) as seen:
+        guided_cfg = call(GuidedPipeline(pipe, SEG(0.0, sigma=10.0, cfg_scale=5.0))).images
+        guided = call(GuidedPipeline(pipe, SEG(3.0, sigma=0.0))).images
+    assert seen.batches == [2, 2, 1, 1]  # [uncond, cond]; then [cond]: no SEG rows at all
+    # CFG alone: same formula, rearranged by the rule (x_c + (w - 1)(x_c - x_u)): rounding only.
+    torch.testing.assert_close(guided_cfg, plain_cfg, rtol=1e-5, atol=1e-5)
+    assert torch.equal(guided, plain)  # no guidance at all: bit for bit
+
+
+def test_return_dict_false_generators_and_restore(pipe: Any) -> None:
+    guided = GuidedPipeline(pipe, SEG(3.0, sigma=1.0, cfg_scale=4.0))
+    first = call(guided, return_dict=False)
+    second = call(guided, return_dict=False)
+    assert isinstance(first, tuple)
+    assert first[0].shape == (1, 3, H, W)
+    assert torch.equal(first[0], second[0])  # same generator seed, same image
+    assert no_hooks(pipe.unet)
+
+
+def test_exception_mid_run_leaves_the_pipeline_as_before(pipe: Any) -> None:
+    before = dict(pipe.unet.attn_processors)
+    plain = call(pipe, guidance_scale=3.0).images
+
+    def fail(p: Any, i: int, t: Any, kw: dict[str, Any]) -> dict[str, Any]:
+        raise RuntimeError("stop at step 0")
+
+    guided = GuidedPipeline(pipe, SEG(3.0, sigma=5.0, cfg_scale=3.0))
+    with pytest.raises(RuntimeError, match="stop at step 0"):
+        call(guided, callback_on_step_end=fail)
+    assert no_hooks(pipe.unet)
+    assert all(pipe.unet.attn_processors[k] is v for k, v in before.items())
+    assert torch.equal(call(pipe, guidance_scale=3.0).images, plain)
+
+
+def test_guidance_scale_belongs_to_the_rule(pipe: Any) -> None:
+    with pytest.raises(TypeError, match=r"sets \['guidance_scale'\] itself"):
+        call(GuidedPipeline(pipe, SEG(3.0)), guidance_scale=7.0)
+    with pytest.raises(TypeError, match="rule must be a GuidanceRule"):
+        GuidedPipeline(pipe, "seg")  # type: ignore[arg-type]
