@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import pkgutil
 import re
 import sys
 from pathlib import Path
@@ -127,8 +128,41 @@ def _optional_links(app: Any, docname: str, source: list[str]) -> None:
     source[0] = re.sub(r"\{optional\}`([\w/-]+)\|([^`]+)`", link, source[0])
 
 
-#: Pages whose text depends on which optional pages exist: re-read on every build.
-DYNAMIC_PAGES = ["index", "tutorials/diffusers"]
+# -- API pages of subpackages: one automodule per public submodule, found at build time ----------
+
+_AUTOMODULES = re.compile(r"<!-- automodules: ([\w.]+) -->")
+
+
+def public_submodules(package: str) -> list[str]:
+    """The public (no leading underscore) submodules of ``package``, sorted."""
+    pkg = importlib.import_module(package)
+    return sorted(
+        info.name
+        for info in pkgutil.iter_modules(pkg.__path__, package + ".")
+        if not info.name.rpartition(".")[2].startswith("_")
+    )
+
+
+def _automodules(app: Any, docname: str, source: list[str]) -> None:
+    def block(match: re.Match[str]) -> str:
+        parts = []
+        for name in public_submodules(match.group(1)):
+            parts.append(f"## `{name}`\n\n```{{eval-rst}}\n.. automodule:: {name}\n```\n")
+        return "\n".join(parts)
+
+    source[0] = _AUTOMODULES.sub(block, source[0])
+
+
+#: Pages whose text depends on which pages or modules exist: re-read on every build.
+DYNAMIC_PAGES = [
+    "index",
+    "tutorials/diffusers",
+    "api/rules",
+    "api/sampling",
+    "api/torch",
+    "api/diffusers",
+    "api/demo",
+]
 
 
 def _always_reread(app: Any, env: Any, added: Any, changed: Any, removed: Any) -> list[str]:
@@ -169,9 +203,32 @@ def _resolve_alias(app: Any, env: Any, node: Any, contnode: Any) -> Any:
     )
 
 
+_SEEN: set[tuple[str, str]] = set()
+
+
+def _reset_seen(app: Any, env: Any, docnames: list[str]) -> None:
+    _SEEN.clear()
+
+
+def _skip_repeated_reexport(
+    app: Any, what: str, name: str, obj: Any, skip: bool, options: Any
+) -> bool | None:
+    """Document a class or function once, where it is first met (re-exports list it again)."""
+    if what != "module" or not (isinstance(obj, type) or callable(obj)):
+        return None
+    key = (getattr(obj, "__module__", "") or "", getattr(obj, "__qualname__", name))
+    if key in _SEEN:
+        return True
+    _SEEN.add(key)
+    return None
+
+
 def setup(app: Any) -> dict[str, Any]:
     app.connect("source-read", _optional_toctree)
     app.connect("source-read", _optional_links)
+    app.connect("source-read", _automodules)
     app.connect("env-get-outdated", _always_reread)
+    app.connect("env-before-read-docs", _reset_seen)
+    app.connect("autodoc-skip-member", _skip_repeated_reexport)
     app.connect("missing-reference", _resolve_alias)
-    return {"parallel_read_safe": True, "parallel_write_safe": True}
+    return {"parallel_read_safe": False, "parallel_write_safe": True}

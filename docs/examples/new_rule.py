@@ -37,10 +37,12 @@ class AnnealedSEG(Term):
 
     def apply(self, pred, outputs, ctx, state=None):
         if not self.active(ctx):
-            return pred, state                           # neutral: branch never evaluated
+            return pred, state  # neutral: branch never evaluated
         x_c = branch_output(outputs, COND)
         x_blur = branch_output(outputs, self.blurred(ctx))
         return pred + self.scale * (x_c - x_blur), state
+
+
 # [/rule]
 
 
@@ -53,12 +55,12 @@ def main() -> dict[str, float]:
 
     # [check]
     rule = AnnealedSEG(scale=2.0, ratio=0.5, max_blur=4.0)
-    ctx = StepContext(sigma=3.0)                        # blur = min(0.5 * 3, 4) = 1.5 tokens
+    ctx = StepContext(sigma=3.0)  # blur = min(0.5 * 3, 4) = 1.5 tokens
     x_c, x_blur = np.array([1.0, 2.0]), np.array([0.5, 2.5])
     outputs = {COND: x_c, Branch("cond", QuerySmoothing(1.5)): x_blur}
     guided, _ = rule.combine(outputs, ctx)
-    assert np.allclose(guided, x_c + 2.0 * (x_c - x_blur))       # the formula, by hand
-    assert AnnealedSEG(0.0).branches(ctx) == (COND,)                # neutral skips the branch
+    assert np.allclose(guided, x_c + 2.0 * (x_c - x_blur))  # the formula, by hand
+    assert AnnealedSEG(0.0).branches(ctx) == (COND,)  # neutral skips the branch
     # [/check]
 
     # [plug]
@@ -67,15 +69,16 @@ def main() -> dict[str, float]:
     x_T = np.random.default_rng(0).normal(size=(2, 3, 6, 10)) * sigmas[0]
     y, null = np.array([1, 2]), {"y": np.array([model.null_class])}
     both = Compose(CFG(3.0), AnnealedSEG(scale=2.0, ratio=0.5, max_blur=4.0))
-    x = sample_euler(GuidedDenoiser(model, both, uncond=null), x_T, sigmas,
-                     extra_args={"y": y}, progress=False)
+    x = sample_euler(
+        GuidedDenoiser(model, both, uncond=null), x_T, sigmas, extra_args={"y": y}, progress=False
+    )
     # [/plug]
 
     # [same]
     # With a constant blur (ratio 0, max_blur ignored) it is the library's SEG:
     const = AnnealedSEG(scale=2.0, ratio=0.0, max_blur=0.0)
-    assert const.branches(ctx) == (COND,)               # σ_blur = 0: identity, skipped
-    fixed = AnnealedSEG(scale=2.0, ratio=1e9, max_blur=2.0)   # always 2 tokens
+    assert const.branches(ctx) == (COND,)  # σ_blur = 0: identity, skipped
+    fixed = AnnealedSEG(scale=2.0, ratio=1e9, max_blur=2.0)  # always 2 tokens
     a = sample_euler(GuidedDenoiser(model, fixed), x_T, sigmas, progress=False)
     b = sample_euler(GuidedDenoiser(model, SEG(2.0, sigma=2.0)), x_T, sigmas, progress=False)
     assert np.allclose(a, b, atol=1e-12)

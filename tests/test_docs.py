@@ -1,0 +1,274 @@
+"""The documentation's promises, checked without a Sphinx build.
+
+- every image a docs page shows is written by a committed figure script that
+  ``docs/figures/make_figures.py`` runs, and the scripts really write them;
+- the tutorial example scripts run, and the output a page quotes is what they print;
+- the ``>>>`` examples in the Markdown pages pass as doctests;
+- the tests the theory page cites exist; the imports the pages show resolve;
+- the API reference covers every public module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import doctest
+import importlib
+import io
+import pkgutil
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+FIGURES = DOCS / "figures"
+EXAMPLES = DOCS / "examples"
+GENERATED = "figures/_generated/"
+
+
+def doc_pages() -> list[Path]:
+    """Every Markdown page of the docs (build output excluded)."""
+    return sorted(p for p in DOCS.rglob("*.md") if "_build" not in p.relative_to(DOCS).parts)
+
+
+def page_id(p: Path) -> str:
+    return str(p.relative_to(DOCS))
+
+
+@contextlib.contextmanager
+def on_path(path: Path):
+    sys.path.insert(0, str(path))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(path))
+
+
+def figure_outputs() -> dict[str, str]:
+    with on_path(FIGURES):
+        make_figures = importlib.import_module("make_figures")
+        return make_figures.outputs()
+
+
+IMAGE_PATTERNS = (
+    re.compile(r"^[`:]{3,}\{(?:figure|image)\}\s+(\S+)", re.MULTILINE),  # MyST directives
+    re.compile(r"!\[[^\]]*\]\(([^)\s]+)"),  # Markdown images
+    re.compile(r"<img[^>]*\ssrc=\"([^\"]+)\""),  # raw HTML
+    re.compile(r"^\.\.\s+(?:figure|image)::\s+(\S+)", re.MULTILINE),  # reST in eval-rst
+)
+
+
+def image_references(text: str) -> list[str]:
+    return [m.group(1) for pat in IMAGE_PATTERNS for m in pat.finditer(text)]
+
+
+def test_image_reference_parser() -> None:
+    text = (
+        "```{figure} figures/_generated/a.png\n:width: 50%\n```\n"
+        ":::{image} ../figures/_generated/b.png\n:::\n"
+        'see ![alt text](figures/_generated/c.png) and <img alt="x" src="d.png">\n'
+        "```{eval-rst}\n.. image:: e.png\n```\n"
+    )
+    refs = image_references(text)
+    assert sorted(refs) == [
+        "../figures/_generated/b.png",
+        "d.png",
+        "e.png",
+        "figures/_generated/a.png",
+        "figures/_generated/c.png",
+    ]
+
+
+def test_every_docs_image_comes_from_a_figure_script() -> None:
+    outputs = figure_outputs()
+    referenced = set()
+    problems = []
+    for page in doc_pages():
+        for ref in image_references(page.read_text(encoding="utf-8")):
+            target = (page.parent / ref).resolve()
+            rel = target.relative_to(DOCS.resolve()).as_posix() if DOCS in target.parents else ref
+            if not rel.startswith(GENERATED) or target.name not in outputs:
+                problems.append(f"{page_id(page)}: {ref} is not written by docs/figures/*.py")
+            referenced.add(target.name)
+    assert not problems, "\n".join(problems)
+    assert referenced, "no figures found: the image parser or the pages are broken"
+    unused = set(outputs) - referenced
+    assert not unused, f"figures made but shown nowhere: {sorted(unused)}"
+
+
+def test_make_figures_writes_every_declared_figure(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib", reason="figures need the docs/demo extra (matplotlib)")
+    with on_path(FIGURES):
+        make_figures = importlib.import_module("make_figures")
+        with contextlib.redirect_stdout(io.StringIO()):
+            written = make_figures.main(tmp_path)
+    assert sorted(p.name for p in written) == sorted(figure_outputs())
+    for p in written:
+        assert p.stat().st_size > 5_000, f"{p.name} is suspiciously small"
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_readme_images_exist() -> None:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    missing = [r for r in image_references(text) if "://" not in r and not (ROOT / r).is_file()]
+    assert not missing, f"README.md shows images that are not in the repository: {missing}"
+
+
+# --- tutorial example scripts --------------------------------------------------------------
+
+
+def run_example(name: str) -> tuple[dict[str, float], str]:
+    with on_path(EXAMPLES):
+        module = importlib.import_module(name)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            result = module.main()
+    return result, out.getvalue()
+
+
+def test_numpy_sampler_tutorial_runs_and_quotes_its_output() -> None:
+    result, printed = run_example("numpy_sampler")
+    assert result["seg_vs_plain"] > 1e-3  # SEG changed the samples
+    assert result["seg_cfg_vs_cfg"] > 1e-3
+    sweep = [result[f"sigma={s}"] for s in ("0.5", "1", "2", "5", "inf")]
+    assert sweep == sorted(sweep)  # the page's claim: the change grows with σ on this model
+    page = (DOCS / "tutorials" / "numpy_sampler.md").read_text(encoding="utf-8")
+    lines = [ln for ln in printed.splitlines() if ln.strip()]
+    assert len(lines) == 5
+    for line in lines:
+        assert line in page, f"tutorial output changed; update numpy_sampler.md: {line!r}"
+
+
+def test_new_rule_tutorial_runs_and_stays_short() -> None:
+    result, _ = run_example("new_rule")
+    assert result["fixed_vs_seg"] <= 1e-12
+    source = (EXAMPLES / "new_rule.py").read_text(encoding="utf-8")
+    block = source.split("# [rule]")[1].split("# [/rule]")[0]
+    code = [ln for ln in block.splitlines() if ln.strip()]
+    assert len(code) <= 30, f"the 'rule in 30 lines' is {len(code)} lines"
+
+
+def test_literalinclude_markers_exist() -> None:
+    problems = []
+    for page in doc_pages():
+        text = page.read_text(encoding="utf-8")
+        for m in re.finditer(r"\{literalinclude\}\s+(\S+)((?:\n:[^\n]*)*)", text):
+            src = (page.parent / m.group(1)).resolve()
+            if not src.is_file():
+                problems.append(f"{page_id(page)}: {m.group(1)} does not exist")
+                continue
+            body = src.read_text(encoding="utf-8")
+            for opt in re.finditer(r":(start-after|end-before): \"?([^\"\n]+)\"?", m.group(2)):
+                if opt.group(2) not in body:
+                    problems.append(f"{page_id(page)}: marker {opt.group(2)!r} not in {src.name}")
+            for opt in re.finditer(r":pyobject: (\w+)", m.group(2)):
+                if not re.search(rf"^def {opt.group(1)}\b", body, re.MULTILINE):
+                    problems.append(f"{page_id(page)}: {opt.group(1)} not in {src.name}")
+    assert not problems, "\n".join(problems)
+
+
+# --- doctests and imports in the pages -------------------------------------------------------
+
+
+@pytest.mark.parametrize("page", doc_pages(), ids=page_id)
+def test_markdown_doctests(page: Path) -> None:
+    text = page.read_text(encoding="utf-8")
+    test = doctest.DocTestParser().get_doctest(text, {}, page_id(page), str(page), 0)
+    runner = doctest.DocTestRunner(
+        optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, verbose=False
+    )
+    out = io.StringIO()
+    runner.run(test, out=out.write)
+    assert runner.failures == 0, out.getvalue()
+
+
+def test_theory_examples_are_collected() -> None:
+    text = (DOCS / "theory.md").read_text(encoding="utf-8")
+    examples = doctest.DocTestParser().get_examples(text)
+    assert len(examples) >= 10  # the parser sees the page's >>> lines (else nothing is tested)
+
+
+PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
+IMPORT = re.compile(
+    r"^(?:>>> )?((?:from smoothguide[\w.]* import .+)|(?:import smoothguide[\w.]*))$"
+)
+
+
+def test_imports_shown_in_the_docs_resolve() -> None:
+    statements = set()
+    for page in doc_pages():
+        for block in PYTHON_BLOCK.findall(page.read_text(encoding="utf-8")):
+            for line in block.splitlines():
+                m = IMPORT.match(line.strip())
+                if m:
+                    statements.add((page_id(page), m.group(1)))
+    assert statements
+    problems = []
+    for page, stmt in sorted(statements):
+        try:
+            exec(stmt, {})
+        except ImportError as exc:
+            problems.append(f"{page}: {stmt}: {exc}")
+    assert not problems, "\n".join(problems)
+
+
+# --- the theory page cites real tests ------------------------------------------------------
+
+
+def cited_tests(text: str) -> list[tuple[str, str]]:
+    """``(file, test)`` pairs: ``tests/x.py::name``, and ``::name`` after such a citation."""
+    pairs, current = [], None
+    for m in re.finditer(r"(tests/test_\w+\.py)?::(test_\w+)", text):
+        current = m.group(1) or current
+        assert current is not None, f"::{m.group(2)} cited before any test file"
+        pairs.append((current, m.group(2)))
+    return pairs
+
+
+def test_cited_tests_exist() -> None:
+    pairs = cited_tests((DOCS / "theory.md").read_text(encoding="utf-8"))
+    assert len(pairs) >= 20
+    problems = []
+    for file, name in pairs:
+        body = (ROOT / file).read_text(encoding="utf-8")
+        if not re.search(rf"^def {name}\(", body, re.MULTILINE):
+            problems.append(f"{file}::{name}")
+    assert not problems, f"theory.md cites tests that do not exist: {problems}"
+
+
+def test_theory_cites_every_paper_claim_test() -> None:
+    body = (ROOT / "tests" / "test_paper_claims.py").read_text(encoding="utf-8")
+    defined = set(re.findall(r"^def (test_\w+)\(", body, re.MULTILINE))
+    cited = {name for f, name in cited_tests((DOCS / "theory.md").read_text(encoding="utf-8"))}
+    assert defined - cited == set(), f"paper-claim tests not cited in theory.md: {defined - cited}"
+
+
+# --- the API reference covers every public module ----------------------------------------------
+
+
+def public_modules() -> list[str]:
+    import smoothguide
+
+    names = []
+    for info in pkgutil.walk_packages(smoothguide.__path__, "smoothguide."):
+        parts = info.name.split(".")[1:]
+        if not any(p.startswith("_") for p in parts):
+            names.append(info.name)
+    return names
+
+
+def test_api_reference_covers_every_public_module() -> None:
+    pytest.importorskip("torch", reason="the adapter subpackages import torch")
+    pytest.importorskip("diffusers", reason="smoothguide.diffusers imports diffusers")
+    pytest.importorskip("matplotlib", reason="smoothguide.demo plots with matplotlib")
+    text = "\n".join(p.read_text(encoding="utf-8") for p in (DOCS / "api").glob("*.md"))
+    explicit = set(re.findall(r"automodule:: ([\w.]+)", text))
+    generated = set(re.findall(r"<!-- automodules: ([\w.]+) -->", text))
+    missing = [
+        m
+        for m in public_modules()
+        if m not in explicit and m.rpartition(".")[0] not in generated and m not in generated
+    ]
+    assert not missing, f"public modules without an API page: {missing}"
