@@ -116,6 +116,14 @@ def test_readme_images_exist() -> None:
     assert not missing, f"README.md shows images that are not in the repository: {missing}"
 
 
+def test_readme_numpy_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    first = PYTHON_BLOCK.findall(text)[0]
+    assert "smooth_queries" in first
+    exec(compile(first, "README.md", "exec"), {})
+    assert "QuerySmoothing(" in capsys.readouterr().out
+
+
 # --- tutorial example scripts --------------------------------------------------------------
 
 
