@@ -11,8 +11,8 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from smoothguide.diffusers.pipeline import GuidedPipeline  # noqa: E402
-from smoothguide.rules import CFG, PAG, SEG, Compose  # noqa: E402
+from smoothguide.diffusers import GuidedPipeline, scheduler_sigma  # noqa: E402
+from smoothguide.rules import CFG, PAG, SEG, Compose, Interval  # noqa: E402
 
 H, W = 32, 48  # non-square image; latent 16 x 24 (VAE factor 2)
 
@@ -237,3 +237,31 @@ def test_guidance_scale_belongs_to_the_rule(pipe: Any) -> None:
         call(GuidedPipeline(pipe, SEG(3.0)), guidance_scale=7.0)
     with pytest.raises(TypeError, match="rule must be a GuidanceRule"):
         GuidedPipeline(pipe, "seg")  # type: ignore[arg-type]
+
+
+def test_schedules_see_the_step_and_the_scheduler_sigma(pipe: Any) -> None:
+    pipe.scheduler.set_timesteps(3)
+    sigmas = [float(s) for s in pipe.scheduler.sigmas[:3]]
+    threshold = (sigmas[0] + sigmas[1]) / 2  # SEG on for sigma <= threshold: steps 1 and 2
+    by_sigma = SEG(3.0, sigma=2.0, schedule=Interval(0.0, threshold))
+    by_step = SEG(3.0, sigma=2.0, schedule=Interval(0.0, 0.5, on="progress"))  # steps 0 and 1
+    with UNetBatches(pipe) as seen:
+        call(GuidedPipeline(pipe, by_sigma), steps=3)
+        call(GuidedPipeline(pipe, by_step), steps=3)
+    assert seen.batches == [1, 2, 2, 2, 2, 1]
+
+
+def test_scheduler_sigma_euler_and_ddim() -> None:
+    class Pipe:
+        scheduler: Any = None
+
+    pipe = Pipe()
+    pipe.scheduler = diffusers.EulerDiscreteScheduler(steps_offset=1)
+    pipe.scheduler.set_timesteps(4)
+    for t, s in zip(pipe.scheduler.timesteps, pipe.scheduler.sigmas, strict=False):
+        assert scheduler_sigma(pipe, t) == pytest.approx(float(s))
+    pipe.scheduler = diffusers.DDIMScheduler()
+    pipe.scheduler.set_timesteps(4)
+    t = int(pipe.scheduler.timesteps[1])
+    a = float(pipe.scheduler.alphas_cumprod[t])
+    assert scheduler_sigma(pipe, torch.tensor(t)) == pytest.approx(math.sqrt((1 - a) / a))

@@ -14,15 +14,27 @@ from __future__ import annotations
 
 from ._deps import diffusers as _diffusers  # noqa: F401  (fails early, naming the extra)
 from .family import ModelFamily, families, family_for, patcher_for, register_family
+from .pipeline import (
+    GuidedPipeline,
+    PipelineAdapter,
+    adapter_for,
+    register_pipeline_adapter,
+    scheduler_sigma,
+)
 from .unet import UNET2D, unet_layers, unet_presets
 
 __all__ = [
     "UNET2D",
+    "GuidedPipeline",
     "ModelFamily",
+    "PipelineAdapter",
+    "adapter_for",
     "families",
     "family_for",
     "patcher_for",
     "register_family",
+    "register_pipeline_adapter",
+    "scheduler_sigma",
     "unet_layers",
     "unet_presets",
 ]
