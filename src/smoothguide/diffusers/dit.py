@@ -1,0 +1,95 @@
+"""DiT-style transformers (PixArt-α / Σ, DiT): image self-attention ``attn1``.
+
+``PixArtTransformer2DModel`` and ``DiTTransformer2DModel`` patchify the latent
+``(B, C, H, W)`` into ``(H / p) x (W / p)`` tokens (row-major) and run
+``BasicTransformerBlock`` s: ``attn1`` is self-attention over those image
+tokens only (no text tokens in the sequence; PixArt's text enters through the
+cross-attention ``attn2``, which is never perturbed).
+
+Presets (blocks split in thirds by depth):
+
+``"mid"`` (default)
+    ``attn1`` of the middle third (PixArt, 28 blocks: 9–18; DiT-XL, 28 blocks: 9–18).
+``"early"``, ``"late"``, ``"all"``
+    first / last third, every block.
+``"block.<i>"``
+    one block.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..torch import Geometry, GeometryFn, ImageTokens, LayerSpec
+from ..torch._deps import torch
+from ._blocks import bind_call, latent_tensor, thirds
+from ._deps import diffusers
+from .family import ModelFamily, register_family
+
+__all__ = ["DIT", "dit_geometry", "dit_layers", "dit_presets"]
+
+
+def _is_dit(model: torch.nn.Module) -> bool:
+    return isinstance(model, diffusers.PixArtTransformer2DModel | diffusers.DiTTransformer2DModel)
+
+
+def dit_layers(model: torch.nn.Module) -> dict[str, LayerSpec]:
+    """``transformer_blocks.<i>.attn1`` of a PixArt / DiT transformer, in module order.
+
+    Parameters
+    ----------
+    model
+        A ``PixArtTransformer2DModel`` or ``DiTTransformer2DModel``.
+
+    Returns
+    -------
+    dict
+        Module name -> :class:`~smoothguide.torch.LayerSpec` (image tokens).
+    """
+    return {
+        f"transformer_blocks.{i}.attn1": LayerSpec(ImageTokens())
+        for i in range(len(getattr(model, "transformer_blocks")))  # noqa: B009
+    }
+
+
+def dit_presets(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
+    """Presets ``"early"``, ``"mid"``, ``"late"``, ``"all"`` and ``"block.<i>"``."""
+    names = tuple(dit_layers(model))
+    presets = {"all": names, **thirds(names)}
+    presets.update({f"block.{i}": (name,) for i, name in enumerate(names)})
+    return presets
+
+
+def dit_geometry(model: torch.nn.Module) -> GeometryFn:
+    """Geometry of a PixArt / DiT call: the ``(H / p) x (W / p)`` patch grid of the latent.
+
+    Parameters
+    ----------
+    model
+        The transformer (its ``config.patch_size`` is read).
+
+    Returns
+    -------
+    GeometryFn
+    """
+    patch = int(getattr(model, "config").patch_size)  # noqa: B009
+
+    def geometry(args: tuple[Any, ...], kwargs: Any) -> Geometry:
+        x = latent_tensor(model, bind_call(model, args, kwargs), "hidden_states", 4)
+        height, width = x.shape[-2] // patch, x.shape[-1] // patch
+        return Geometry(batch=x.shape[0], height=height, width=width, tokens=height * width)
+
+    return geometry
+
+
+#: The family of ``PixArtTransformer2DModel`` and ``DiTTransformer2DModel``; default ``"mid"``.
+DIT = register_family(
+    ModelFamily(
+        name="dit",
+        matches=_is_dit,
+        layers=dit_layers,
+        presets=dit_presets,
+        default="mid",
+        geometry=dit_geometry,
+    )
+)

@@ -1,0 +1,109 @@
+"""Transformer diffusion models: families (SD3, Flux, PixArt/DiT, LTX-Video, Wan) and pipelines.
+
+Importing this module registers the model families with
+:func:`~smoothguide.diffusers.register_family` (so
+:func:`~smoothguide.diffusers.patcher_for` serves these transformers) and the
+pipeline adapters with
+:func:`~smoothguide.diffusers.pipeline.register_pipeline_adapter` (so
+:class:`~smoothguide.diffusers.pipeline.GuidedPipeline` drives their pipelines).
+
+Pipelines and what the wrapper needs from them:
+
+``StableDiffusion3Pipeline``, ``PixArtAlphaPipeline``, ``PixArtSigmaPipeline``, ``LTXPipeline``
+    batch ``[uncond; cond]`` in one transformer call when ``guidance_scale > 1``:
+    the wrapper forces CFG mode, so every rule works (CFG + SEG, SEG alone,
+    PAG, ...), all branches in one transformer call per step.
+``FluxPipeline``
+    FLUX.1 dev / schnell are guidance-distilled: one conditional call per step,
+    ``guidance_scale`` is an *input* of the model (the distilled CFG strength)
+    and is left to the user. There is no unconditional branch, so rules that
+    need ``"uncond"`` are refused; SEG works as a negative branch of the
+    (already guided) conditional prediction, ``x + s (x − x̃)``
+    (``SEG(s, sigma=...)``; likewise PAG). The pipeline's "true CFG"
+    (``true_cfg_scale``), which calls the transformer twice per step, is
+    switched off while the wrapper runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._deps import diffusers
+from .dit import DIT, dit_geometry, dit_layers, dit_presets
+from .flux import FLUX, flux_geometry, flux_grid_from_ids, flux_layers, flux_presets
+from .pipeline import PipelineAdapter, register_pipeline_adapter, scheduler_sigma
+from .sd3 import SD3, sd3_geometry, sd3_layers, sd3_presets
+from .video import (
+    LTX_VIDEO,
+    WAN,
+    VideoTokens,
+    ltx_geometry,
+    video_layers,
+    video_presets,
+    wan_geometry,
+)
+
+__all__ = [
+    "DIT",
+    "FLUX",
+    "FLUX_PIPELINE",
+    "LTX_VIDEO",
+    "SD3",
+    "TRANSFORMER_CFG_PIPELINES",
+    "WAN",
+    "VideoTokens",
+    "dit_geometry",
+    "dit_layers",
+    "dit_presets",
+    "flux_geometry",
+    "flux_grid_from_ids",
+    "flux_layers",
+    "flux_presets",
+    "ltx_geometry",
+    "sd3_geometry",
+    "sd3_layers",
+    "sd3_presets",
+    "video_layers",
+    "video_presets",
+    "wan_geometry",
+]
+
+
+def _cfg_batched(pipe: Any) -> tuple[str, ...]:
+    # The wrapper forces guidance_scale = 2 on these pipelines, so they always batch [uncond; cond].
+    return ("uncond", "cond")
+
+
+#: Pipelines that batch ``[uncond; cond]`` into one transformer call.
+TRANSFORMER_CFG_PIPELINES = register_pipeline_adapter(
+    PipelineAdapter(
+        "transformer-cfg",
+        matches=lambda pipe: isinstance(
+            pipe,
+            diffusers.StableDiffusion3Pipeline
+            | diffusers.PixArtAlphaPipeline
+            | diffusers.PixArtSigmaPipeline
+            | diffusers.LTXPipeline,
+        ),
+        denoiser="transformer",
+        incoming=_cfg_batched,
+    )
+)
+
+
+def _flux_sigma(pipe: Any, timestep: Any) -> float:
+    # FluxPipeline passes timestep / 1000 to the transformer.
+    return scheduler_sigma(pipe, timestep * 1000)
+
+
+#: ``FluxPipeline``: conditional branch only (guidance-distilled); true CFG switched off.
+FLUX_PIPELINE = register_pipeline_adapter(
+    PipelineAdapter(
+        "flux",
+        matches=lambda pipe: isinstance(pipe, diffusers.FluxPipeline),
+        denoiser="transformer",
+        incoming=lambda pipe: ("cond",),
+        call_kwargs=lambda pipe: {"true_cfg_scale": 1.0},
+        sigma=_flux_sigma,
+    )
+)

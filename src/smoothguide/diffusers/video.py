@@ -1,0 +1,162 @@
+"""Video transformers with full 3-D self-attention: LTX-Video and Wan 2.x.
+
+Both run self-attention ``attn1`` over all ``frames x h x w`` latent tokens
+of the clip at once (frame-major, then row-major), with 3-D rotary position
+embeddings; text enters through the cross-attention ``attn2`` (never
+perturbed). The grid is ``TokenGrid(h, w, frames=F)``
+(:class:`~smoothguide.diffusers.video.VideoTokens`), so:
+
+- ``QuerySmoothing(σ)`` / ``SEG(sigma=σ)`` blurs every frame spatially and
+  leaves the time axis alone (``σ = inf``: each query becomes the mean query of
+  its own frame);
+- ``sigma=(σ_t, σ_h, σ_w)`` also blurs along frames (``σ_t = inf``: averages
+  over the clip as well).
+
+The queries are blurred after QK-norm and RoPE, where they enter
+``softmax(Q Kᵀ / √d)`` (see :mod:`smoothguide.diffusers.flux`).
+
+``LTXVideoTransformer3DModel``
+    input packed ``(B, F·H·W, C)`` with ``num_frames``, ``height``, ``width``
+    (latent sizes, patch size 1) passed by the pipeline; layers
+    ``transformer_blocks.<i>.attn1``.
+``WanTransformer3DModel``
+    input ``(B, C, F, H, W)``, patchified by ``config.patch_size`` ``(p_t, p_h, p_w)``;
+    layers ``blocks.<i>.attn1``.
+
+Presets (blocks split in thirds by depth): ``"mid"`` (default), ``"early"``,
+``"late"``, ``"all"``, ``"block.<i>"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ..torch import Geometry, GeometryFn, LayerSpec
+from ..torch._deps import torch
+from ._blocks import VideoTokens, bind_call, latent_tensor, thirds
+from ._deps import diffusers
+from .family import ModelFamily, register_family
+
+__all__ = [
+    "LTX_VIDEO",
+    "WAN",
+    "VideoTokens",
+    "ltx_geometry",
+    "video_layers",
+    "video_presets",
+    "wan_geometry",
+]
+
+
+def _stack(model: torch.nn.Module) -> tuple[str, Sequence[torch.nn.Module]]:
+    name = "blocks" if isinstance(model, diffusers.WanTransformer3DModel) else "transformer_blocks"
+    return name, getattr(model, name)
+
+
+def video_layers(model: torch.nn.Module) -> dict[str, LayerSpec]:
+    """Self-attention ``attn1`` of every block of an LTX-Video or Wan transformer.
+
+    Parameters
+    ----------
+    model
+        ``LTXVideoTransformer3DModel`` or ``WanTransformer3DModel``.
+
+    Returns
+    -------
+    dict
+        Module name -> :class:`~smoothguide.torch.LayerSpec` with :class:`VideoTokens`.
+    """
+    stack, blocks = _stack(model)
+    return {f"{stack}.{i}.attn1": LayerSpec(VideoTokens()) for i in range(len(blocks))}
+
+
+def video_presets(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
+    """Presets ``"early"``, ``"mid"``, ``"late"``, ``"all"`` and ``"block.<i>"``."""
+    names = tuple(video_layers(model))
+    presets = {"all": names, **thirds(names)}
+    presets.update({f"block.{i}": (name,) for i, name in enumerate(names)})
+    return presets
+
+
+def ltx_geometry(model: torch.nn.Module) -> GeometryFn:
+    """Geometry of an LTX-Video call: ``num_frames x height x width`` latent tokens.
+
+    Parameters
+    ----------
+    model
+        An ``LTXVideoTransformer3DModel``.
+
+    Returns
+    -------
+    GeometryFn
+    """
+
+    def geometry(args: tuple[Any, ...], kwargs: Any) -> Geometry:
+        call = bind_call(model, args, kwargs)
+        x = latent_tensor(model, call, "hidden_states", 3)
+        sizes = [call.get(k) for k in ("num_frames", "height", "width")]
+        if not all(isinstance(s, int) and s >= 1 for s in sizes):
+            raise ValueError(
+                "LTXVideoTransformer3DModel must be called with num_frames, height and width "
+                f"(ints) to find its token grid, got {sizes}"
+            )
+        frames, height, width = (int(s) for s in sizes)  # type: ignore[arg-type]
+        if x.shape[1] % frames:
+            raise ValueError(
+                f"hidden_states has {x.shape[1]} tokens, not a multiple of num_frames={frames}"
+            )
+        return Geometry(
+            batch=x.shape[0], height=height, width=width, frames=frames, tokens=x.shape[1] // frames
+        )
+
+    return geometry
+
+
+def wan_geometry(model: torch.nn.Module) -> GeometryFn:
+    """Geometry of a Wan call: the ``(F/p_t) x (H/p_h) x (W/p_w)`` patch grid of the latent.
+
+    Parameters
+    ----------
+    model
+        A ``WanTransformer3DModel`` (its ``config.patch_size`` is read).
+
+    Returns
+    -------
+    GeometryFn
+    """
+    p_t, p_h, p_w = (int(p) for p in getattr(model, "config").patch_size)  # noqa: B009
+
+    def geometry(args: tuple[Any, ...], kwargs: Any) -> Geometry:
+        x = latent_tensor(model, bind_call(model, args, kwargs), "hidden_states", 5)
+        frames, height, width = x.shape[2] // p_t, x.shape[3] // p_h, x.shape[4] // p_w
+        return Geometry(
+            batch=x.shape[0], height=height, width=width, frames=frames, tokens=height * width
+        )
+
+    return geometry
+
+
+#: The family of ``diffusers.LTXVideoTransformer3DModel``; default preset ``"mid"``.
+LTX_VIDEO = register_family(
+    ModelFamily(
+        name="ltx-video",
+        matches=lambda model: isinstance(model, diffusers.LTXVideoTransformer3DModel),
+        layers=video_layers,
+        presets=video_presets,
+        default="mid",
+        geometry=ltx_geometry,
+    )
+)
+
+#: The family of ``diffusers.WanTransformer3DModel``; default preset ``"mid"``.
+WAN = register_family(
+    ModelFamily(
+        name="wan",
+        matches=lambda model: isinstance(model, diffusers.WanTransformer3DModel),
+        layers=video_layers,
+        presets=video_presets,
+        default="mid",
+        geometry=wan_geometry,
+    )
+)
