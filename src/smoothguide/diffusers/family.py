@@ -53,6 +53,21 @@ class ModelFamily:
         ``model -> GeometryFn``: builds the function that reads a forward
         call's :class:`~smoothguide.torch.Geometry` (default: the latent is
         the first ``(B, C, H, W)`` / ``(B, C, F, H, W)`` input).
+
+    Examples
+    --------
+    A family for a hand-written model whose attention modules are named ``*.attn``:
+
+    >>> from smoothguide.torch import LayerSpec
+    >>> fam = ModelFamily(
+    ...     name="my-dit",
+    ...     matches=lambda m: type(m).__name__ == "MyDiT",
+    ...     layers=lambda m: {n: LayerSpec() for n, _ in m.named_modules() if n.endswith(".attn")},
+    ...     presets=lambda m: {},
+    ...     default=None,
+    ... )
+    >>> fam.name
+    'my-dit'
     """
 
     name: str
@@ -87,6 +102,12 @@ def register_family(family: ModelFamily) -> ModelFamily:
     Returns
     -------
     ModelFamily
+
+    Examples
+    --------
+    >>> fam = ModelFamily("doc-example", lambda m: False, lambda m: {}, lambda m: {}, None)
+    >>> register_family(fam) is fam, fam in families()
+    (True, True)
     """
     if not isinstance(family, ModelFamily):
         raise TypeError(f"family must be a ModelFamily, got {type(family).__name__}")
@@ -96,17 +117,44 @@ def register_family(family: ModelFamily) -> ModelFamily:
 
 
 def families() -> tuple[ModelFamily, ...]:
-    """The registered families, in registration order."""
+    """The registered families, in registration order.
+
+    Returns
+    -------
+    tuple of ModelFamily
+
+    Examples
+    --------
+    >>> from smoothguide.diffusers import families  # importing the package registers "unet2d"
+    >>> "unet2d" in [f.name for f in families()]
+    True
+    """
     return tuple(_FAMILIES)
 
 
 def family_for(model: torch.nn.Module) -> ModelFamily:
     """The first registered family that matches ``model``.
 
+    Parameters
+    ----------
+    model
+        A diffusers model (or any module a registered family serves).
+
+    Returns
+    -------
+    ModelFamily
+
     Raises
     ------
     TypeError
         If none does; the message lists the registered families.
+
+    Examples
+    --------
+    >>> family_for(torch.nn.Linear(2, 2))
+    Traceback (most recent call last):
+    ...
+    TypeError: no smoothguide model family serves Linear; registered families: [...
     """
     for family in _FAMILIES:
         if family.matches(model):
@@ -119,5 +167,28 @@ def family_for(model: torch.nn.Module) -> ModelFamily:
 
 
 def patcher_for(model: torch.nn.Module) -> AttentionPatcher:
-    """An :class:`~smoothguide.torch.AttentionPatcher` for a diffusers model, via its family."""
+    """An :class:`~smoothguide.torch.AttentionPatcher` for a diffusers model, via its family.
+
+    Parameters
+    ----------
+    model
+        E.g. a ``UNet2DConditionModel``.
+
+    Returns
+    -------
+    AttentionPatcher
+        With the family's layers, presets, default selection and geometry.
+
+    Examples
+    --------
+    >>> import diffusers
+    >>> from smoothguide.diffusers import patcher_for
+    >>> unet = diffusers.UNet2DConditionModel(
+    ...     block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+    ...     cross_attention_dim=8, attention_head_dim=2,
+    ...     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    ...     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    >>> patcher_for(unet).default
+    ('mid_block.attentions.0.transformer_blocks.0.attn1',)
+    """
     return family_for(model).patcher(model)

@@ -63,6 +63,14 @@ def scheduler_sigma(pipe: Any, timestep: Any) -> float:
     Returns
     -------
     float
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace
+    >>> pipe = SimpleNamespace(scheduler=diffusers.DDIMScheduler())
+    >>> a = float(pipe.scheduler.alphas_cumprod[999])
+    >>> scheduler_sigma(pipe, 999) == math.sqrt((1 - a) / a)
+    True
     """
     t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
     scheduler = pipe.scheduler
@@ -113,6 +121,19 @@ class PipelineAdapter:
         not pass these keys.
     sigma
         ``(pipe, timestep) -> σ`` for the rule's :class:`~smoothguide.rules.StepContext`.
+
+    Examples
+    --------
+    A pipeline whose denoiser lives in ``pipe.transformer`` and that batches
+    ``[uncond; cond]`` when its ``guidance_scale`` is above 1:
+
+    >>> adapter = PipelineAdapter(
+    ...     "my-pipeline",
+    ...     matches=lambda pipe: type(pipe).__name__ == "MyPipeline",
+    ...     denoiser="transformer",
+    ... )
+    >>> adapter.call_kwargs(None)
+    {'guidance_scale': 2.0}
     """
 
     name: str
@@ -127,7 +148,23 @@ _ADAPTERS: list[PipelineAdapter] = []
 
 
 def register_pipeline_adapter(adapter: PipelineAdapter) -> PipelineAdapter:
-    """Register ``adapter`` (replacing one of the same name); returns it."""
+    """Register ``adapter`` (replacing one of the same name); returns it.
+
+    Parameters
+    ----------
+    adapter
+        The :class:`PipelineAdapter`.
+
+    Returns
+    -------
+    PipelineAdapter
+
+    Examples
+    --------
+    >>> doc = PipelineAdapter("doc-example", matches=lambda pipe: False)
+    >>> register_pipeline_adapter(doc) is doc
+    True
+    """
     if not isinstance(adapter, PipelineAdapter):
         raise TypeError(f"adapter must be a PipelineAdapter, got {type(adapter).__name__}")
     _ADAPTERS[:] = [a for a in _ADAPTERS if a.name != adapter.name]
@@ -138,10 +175,26 @@ def register_pipeline_adapter(adapter: PipelineAdapter) -> PipelineAdapter:
 def adapter_for(pipe: Any) -> PipelineAdapter:
     """The first registered :class:`PipelineAdapter` that matches ``pipe``.
 
+    Parameters
+    ----------
+    pipe
+        A diffusers pipeline.
+
+    Returns
+    -------
+    PipelineAdapter
+
     Raises
     ------
     TypeError
         If none does; the message lists the registered adapters.
+
+    Examples
+    --------
+    >>> adapter_for(object())
+    Traceback (most recent call last):
+    ...
+    TypeError: no smoothguide pipeline adapter serves object; registered: [...
     """
     for adapter in _ADAPTERS:
         if adapter.matches(pipe):

@@ -45,6 +45,19 @@ def unet_layers(unet: torch.nn.Module) -> dict[str, LayerSpec]:
     -------
     dict
         Module name -> :class:`~smoothguide.torch.LayerSpec` (image tokens).
+
+    Examples
+    --------
+    >>> unet = diffusers.UNet2DConditionModel(
+    ...     block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+    ...     cross_attention_dim=8, attention_head_dim=2,
+    ...     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    ...     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    >>> list(unet_layers(unet))  # doctest: +NORMALIZE_WHITESPACE
+    ['down_blocks.0.attentions.0.transformer_blocks.0.attn1',
+     'up_blocks.1.attentions.0.transformer_blocks.0.attn1',
+     'up_blocks.1.attentions.1.transformer_blocks.0.attn1',
+     'mid_block.attentions.0.transformer_blocks.0.attn1']
     """
     attention = diffusers.models.attention_processor.Attention
     return {
@@ -58,7 +71,29 @@ def unet_layers(unet: torch.nn.Module) -> dict[str, LayerSpec]:
 
 
 def unet_presets(unet: torch.nn.Module) -> dict[str, tuple[str, ...]]:
-    """Block presets ``"down"``, ``"mid"``, ``"up"``, ``"down.<i>"``, ``"up.<i>"`` of a UNet."""
+    """Block presets ``"down"``, ``"mid"``, ``"up"``, ``"down.<i>"``, ``"up.<i>"`` of a UNet.
+
+    Parameters
+    ----------
+    unet
+        A ``UNet2DConditionModel``.
+
+    Returns
+    -------
+    dict
+        Preset -> module names (in module order); a block without self-attention
+        maps to an empty tuple (selecting it alone raises).
+
+    Examples
+    --------
+    >>> unet = diffusers.UNet2DConditionModel(
+    ...     block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+    ...     cross_attention_dim=8, attention_head_dim=2,
+    ...     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    ...     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    >>> {k: len(v) for k, v in unet_presets(unet).items()}
+    {'down': 1, 'mid': 1, 'up': 2, 'down.0': 1, 'down.1': 0, 'up.0': 0, 'up.1': 2}
+    """
     names = list(unet_layers(unet))
     presets: dict[str, tuple[str, ...]] = {
         "down": tuple(n for n in names if n.startswith("down_blocks.")),
