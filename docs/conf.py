@@ -172,35 +172,65 @@ def _always_reread(app: Any, env: Any, added: Any, changed: Any, removed: Any) -
 # -- re-exports: `smoothguide.X` links to where X is documented ------------------------------------
 
 
+def _canonical(target: str) -> str | None:
+    """Where a public name is defined: ``smoothguide.rules.SEG`` -> ``...rules.seg.SEG``."""
+    parts = target.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            module = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        top = getattr(module, parts[i], None)
+        real_mod = getattr(top, "__module__", None)
+        qualname = getattr(top, "__qualname__", None)
+        if not real_mod or not qualname:
+            return None
+        return ".".join([real_mod, qualname, *parts[i + 1 :]])
+    return None
+
+
 def _resolve_alias(app: Any, env: Any, node: Any, contnode: Any) -> Any:
-    """Resolve ``smoothguide.blur_matrix``-style references to the documented object.
+    """Resolve references to re-exported names, and short names, to the documented object.
 
     The public names are re-exported from packages (``smoothguide``,
     ``smoothguide.rules``, ...) but documented once, in the module that defines
-    them. A reference to a re-export is redirected to that definition.
+    them: ``smoothguide.blur_matrix`` is redirected to
+    ``smoothguide.smoothing.blur_matrix``. A bare name (``LayerSpec``) that matches
+    exactly one documented object is linked to it.
     """
     if node.get("refdomain") != "py":
         return None
     target = node.get("reftarget", "")
-    if not target.startswith("smoothguide."):
-        return None
-    modname, _, attr = target.rpartition(".")
-    try:
-        obj = getattr(importlib.import_module(modname), attr)
-    except (ImportError, AttributeError, ValueError):
-        return None
-    real_mod = getattr(obj, "__module__", None)
-    qualname = getattr(obj, "__qualname__", attr)
-    if not real_mod or f"{real_mod}.{qualname}" == target:
-        return None
     domain = env.get_domain("py")
-    new_target = f"{real_mod}.{qualname}"
-    if new_target not in domain.objects:
+    new_target = None
+    if target.startswith("smoothguide."):
+        new_target = _canonical(target)
+    elif target and "." not in target:
+        matches = [name for name in domain.objects if name.endswith("." + target)]
+        new_target = matches[0] if len(matches) == 1 else None
+    if not new_target or new_target == target or new_target not in domain.objects:
         return None
     node["reftarget"] = new_target
     return domain.resolve_xref(
         env, node["refdoc"], app.builder, node["reftype"], new_target, node, contnode
     )
+
+
+def _no_inline_attribute_type(
+    app: Any, what: str, name: str, obj: Any, options: Any, lines: list[str]
+) -> None:
+    """Keep napoleon from reading ``"Summary: more"`` of a property as ``type: description``."""
+    if what not in ("attribute", "property", "data") or not lines:
+        return
+    from sphinx.ext.napoleon.docstring import NumpyDocstring
+
+    first = next((i for i, line in enumerate(lines) if line.strip()), None)
+    if first is None:
+        return
+    before, colon, after = NumpyDocstring._partition_field_on_colon(None, lines[first])  # type: ignore[arg-type]
+    if colon and after:  # "Summary: more" -> "Summary:" / "more": read as description only
+        indent = lines[first][: len(lines[first]) - len(lines[first].lstrip())]
+        lines[first : first + 1] = [f"{indent}{before}{colon}", f"{indent}{after}"]
 
 
 _SEEN: set[tuple[str, str]] = set()
@@ -230,5 +260,6 @@ def setup(app: Any) -> dict[str, Any]:
     app.connect("env-get-outdated", _always_reread)
     app.connect("env-before-read-docs", _reset_seen)
     app.connect("autodoc-skip-member", _skip_repeated_reexport)
+    app.connect("autodoc-process-docstring", _no_inline_attribute_type, priority=400)
     app.connect("missing-reference", _resolve_alias)
     return {"parallel_read_safe": False, "parallel_write_safe": True}
