@@ -265,3 +265,26 @@ def test_scheduler_sigma_euler_and_ddim() -> None:
     t = int(pipe.scheduler.timesteps[1])
     a = float(pipe.scheduler.alphas_cumprod[t])
     assert scheduler_sigma(pipe, torch.tensor(t)) == pytest.approx(math.sqrt((1 - a) / a))
+
+
+def test_controlnet_and_img2img_pipelines() -> None:
+    """ControlNet residuals and img2img latents are batched with the branches like the rest."""
+    sd, xl = make_pipe("sd"), make_pipe("sdxl")
+    controlnet = diffusers.ControlNetModel.from_unet(
+        sd.unet, conditioning_embedding_out_channels=(4, 8)
+    )
+    cn_pipe = diffusers.StableDiffusionControlNetPipeline(
+        **{k: v for k, v in sd.components.items() if k != "image_encoder"}, controlnet=controlnet
+    )
+    i2i = diffusers.StableDiffusionXLImg2ImgPipeline(
+        **{k: v for k, v in xl.components.items() if k != "image_encoder"}
+    )
+    control = torch.rand(1, 3, H, W)
+    for pipe, extra in ((cn_pipe, {"image": control}), (i2i, {"image": control, "strength": 1.0})):
+        pipe.set_progress_bar_config(disable=True)
+        with UNetBatches(pipe) as seen:
+            images = call(GuidedPipeline(pipe, SEG(3.0, sigma=4.0, cfg_scale=4.0)), **extra).images
+        assert images.shape == (1, 3, H, W)
+        assert torch.isfinite(images).all()
+        assert seen.batches == [3, 3]
+        assert no_hooks(pipe.unet)

@@ -38,6 +38,7 @@ from ._deps import diffusers
 from .family import patcher_for
 
 __all__ = [
+    "SD_PIPELINES",
     "GuidedPipeline",
     "PipelineAdapter",
     "adapter_for",
@@ -205,13 +206,19 @@ def adapter_for(pipe: Any) -> PipelineAdapter:
     )
 
 
+#: Stable Diffusion 1.x/2.x and SDXL pipelines that batch ``[uncond; cond]`` into
+#: one UNet call: text-to-image, image-to-image and ControlNet.
+SD_PIPELINES: tuple[type, ...] = (
+    diffusers.StableDiffusionPipeline,
+    diffusers.StableDiffusionImg2ImgPipeline,
+    diffusers.StableDiffusionControlNetPipeline,
+    diffusers.StableDiffusionXLPipeline,
+    diffusers.StableDiffusionXLImg2ImgPipeline,
+    diffusers.StableDiffusionXLControlNetPipeline,
+)
+
 register_pipeline_adapter(
-    PipelineAdapter(
-        "stable-diffusion",
-        matches=lambda pipe: isinstance(
-            pipe, diffusers.StableDiffusionPipeline | diffusers.StableDiffusionXLPipeline
-        ),
-    )
+    PipelineAdapter("stable-diffusion", matches=lambda pipe: isinstance(pipe, SD_PIPELINES))
 )
 
 
