@@ -23,6 +23,7 @@ __all__ = [
     "attention_energy",
     "attention_logits",
     "diagonal_curvature_logdet",
+    "log_softmax",
     "logsumexp",
     "lse_energy",
     "lse_energy_grad",
@@ -38,6 +39,14 @@ def _scale(scale: float | None, dim: int) -> float:
     if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
         raise ValueError(f"scale must be None or a finite real number, got {scale!r}")
     return float(scale)
+
+
+def _check_same_dtype(**arrays: Array) -> None:
+    dtypes = {name: a.dtype for name, a in arrays.items()}
+    if len(set(dtypes.values())) > 1:
+        names = " and ".join(dtypes)
+        got = " and ".join(str(d).removeprefix("torch.") for d in dtypes.values())
+        raise TypeError(f"{names} must share a dtype, got {got}")
 
 
 def _upcast(xp: Any, x: Array, name: str) -> Array:
@@ -59,6 +68,19 @@ def logsumexp(a: Array, *, axis: int = -1) -> Array:
     m = xp.where(xp.isfinite(m), m, xp.zeros_like(m))
     s = xp.sum(xp.exp(a - m), axis=axis, keepdims=True)
     return xp.squeeze(xp.log(s) + m, axis=axis)
+
+
+def log_softmax(a: Array, *, axis: int = -1) -> Array:
+    """Stable ``log(softmax(a))`` along ``axis``: ``a - lse(a)``, finite for finite ``a``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> log_softmax(np.array([0.0, -1e4]))  # log(softmax) would underflow to -inf
+    array([ 0.e+00, -1.e+04])
+    """
+    xp = namespace(a)
+    return a - xp.expand_dims(logsumexp(a, axis=axis), axis=axis)
 
 
 def softmax(a: Array, *, axis: int = -1) -> Array:
@@ -97,8 +119,12 @@ def attention_logits(q: Array, k: Array, *, scale: float | None = None) -> Array
             "q and k must have shapes (..., queries, d) and (..., keys, d) with the same d, "
             f"got {tuple(q.shape)} and {tuple(k.shape)}"
         )
-    if q.dtype != k.dtype:
-        raise TypeError(f"q and k must share a dtype, got {q.dtype} and {k.dtype}")
+    if q.shape[-2] == 0 or k.shape[-2] == 0:
+        raise ValueError(
+            "q and k need at least one query and one key (softmax and lse over an empty axis "
+            f"are undefined), got {tuple(q.shape)} and {tuple(k.shape)}"
+        )
+    _check_same_dtype(q=q, k=k)
     s = _scale(scale, q.shape[-1])
     dtype = q.dtype
     a = s * xp.matmul(_upcast(xp, q, "q"), xp.matrix_transpose(_upcast(xp, k, "k")))
@@ -121,6 +147,7 @@ def attention(q: Array, k: Array, v: Array, *, scale: float | None = None) -> Ar
             f"v must have shape (..., keys, dv) with keys == k.shape[-2]={k.shape[-2]}, "
             f"got {tuple(v.shape)}"
         )
+    _check_same_dtype(q=q, k=k, v=v)
     dtype = q.dtype
     a = attention_logits(_upcast(xp, q, "q"), _upcast(xp, k, "k"), scale=scale)
     out = xp.matmul(softmax(a, axis=-1), _upcast(xp, v, "v"))
@@ -167,6 +194,7 @@ def attention_energy(
     if axis not in ("queries", "keys"):
         raise ValueError(f"axis must be 'queries' or 'keys', got {axis!r}")
     xp = namespace(q, k)
+    _check_same_dtype(q=q, k=k)
     dtype = q.dtype
     a = attention_logits(_upcast(xp, q, "q"), _upcast(xp, k, "k"), scale=scale)
     e = -logsumexp(a, axis=-2 if axis == "queries" else -1)
@@ -260,8 +288,8 @@ def diagonal_curvature_logdet(a: Array, b: Array | None = None) -> Array:
     """
     xp = namespace(a) if b is None else namespace(a, b)
     if b is None:
-        return xp.sum(xp.log(softmax(a, axis=-1)), axis=-1)
+        return xp.sum(log_softmax(a, axis=-1), axis=-1)
     ba = xp.matmul(a[..., None, :], xp.matrix_transpose(b))[..., 0, :]
-    return xp.sum(xp.log(softmax(ba, axis=-1)), axis=-1) + xp.sum(
+    return xp.sum(log_softmax(ba, axis=-1), axis=-1) + xp.sum(
         xp.log(xp.linalg.diagonal(b)), axis=-1
     )

@@ -31,6 +31,28 @@ def _check_aspect(aspect: object) -> tuple[int, int]:
     return int(aspect[0]), int(aspect[1])  # type: ignore[index]
 
 
+def _divisors(n: int) -> list[int]:
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted({*small, *(n // d for d in small)})
+
+
+def _factor_range(size: int, cells: int) -> tuple[int, float] | None:
+    """Integer factors ``s`` with ``floor(size/s) == cells`` or ``ceil(size/s) == cells``.
+
+    As ``s`` grows ``size/s`` falls, so the factors form one interval ``[lo, hi]``;
+    returns it, or None when it is empty.
+    """
+    lo = size // (cells + 1) + 1  # smallest s with floor(size / s) <= cells
+    if size // lo != cells and -(-size // lo) != cells:
+        return None
+    hi = math.inf if cells == 1 else -(-size // (cells - 1)) - 1  # largest s, ceil >= cells
+    return lo, hi
+
+
+def _factors_overlap(a: tuple[int, float] | None, b: tuple[int, float] | None) -> bool:
+    return a is not None and b is not None and max(a[0], b[0]) <= min(a[1], b[1])
+
+
 @dataclass(frozen=True)
 class TokenGrid:
     """Token-axis layout: ``prefix`` tokens, a ``frames x height x width`` grid, ``suffix`` tokens.
@@ -149,12 +171,11 @@ class TokenGrid:
         k = math.isqrt(n // (a * b)) if n % (a * b) == 0 else 0
         if k and a * b * k * k == n:
             return cls(a * k, b * k, frames=frames, prefix=prefix, suffix=suffix)
-        fits = set()
-        for s in range(1, max(big_h, big_w) + 1):
-            for h in {big_h // s, -(-big_h // s)}:
-                for w in {big_w // s, -(-big_w // s)}:
-                    if h >= 1 and w >= 1 and h * w == n:
-                        fits.add((h, w))
+        fits = {
+            (h, n // h)
+            for h in _divisors(n)
+            if _factors_overlap(_factor_range(big_h, h), _factor_range(big_w, n // h))
+        }
         if len(fits) == 1:
             h, w = fits.pop()
             return cls(h, w, frames=frames, prefix=prefix, suffix=suffix)

@@ -29,8 +29,9 @@ Mode = Literal["reflect", "mirror", "nearest", "wrap"]
 #: Boundary modes, with SciPy's ``scipy.ndimage`` meaning.
 MODES: tuple[str, ...] = get_args(Mode)
 
-#: Largest kernel radius built explicitly; beyond it use ``sigma=math.inf``.
-MAX_RADIUS = 2**26
+#: Largest kernel radius built explicitly (sigma up to about 350 000 tokens with the
+#: default radius); beyond it use ``sigma=math.inf``, which no real grid tells apart.
+MAX_RADIUS = 2**20
 
 
 def _check_scalar_sigma(sigma: object, name: str = "sigma") -> float:
@@ -241,7 +242,11 @@ def blur_matrix(
         radius = default_radius(sigma)
     m = _blur_matrix_np(int(n), sigma, radius, mode)
     if xp is None:
+        if dtype is not None and np.dtype(dtype).kind != "f":
+            raise TypeError(f"dtype must be a real floating dtype, got {np.dtype(dtype)}")
         return m.copy() if dtype is None else m.astype(dtype)
+    if dtype is not None and not xp.isdtype(dtype, "real floating"):
+        raise TypeError(f"dtype must be a real floating dtype, got {dtype}")
     return as_backend(m, xp, dtype=xp.float64 if dtype is None else dtype, device=device)
 
 
