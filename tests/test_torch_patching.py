@@ -264,3 +264,31 @@ def test_demo_model_by_class_and_exact_names() -> None:
     torch.testing.assert_close(seen.queries[0][1], expected, rtol=1e-6, atol=1e-6)
     assert torch.equal(out[0], ref[0])
     assert not torch.allclose(out[1], ref[1])
+
+
+def test_guided_denoiser_batched_equals_separate_calls_on_the_demo_model() -> None:
+    """The Perturber contract end to end: one batched call == one call per branch."""
+    demo = pytest.importorskip("smoothguide.demo.model")
+    from smoothguide.rules import PAG, SEG, Compose
+    from smoothguide.sampling import GuidedDenoiser
+
+    torch.manual_seed(0)
+    net = demo.DemoDiT(demo.DiTConfig(hidden=32, depth=2, heads=2)).eval()
+    for param in net.parameters():
+        torch.nn.init.normal_(param, std=0.2)
+    den = demo.DemoDenoiser(net).eval()
+    patcher = AttentionPatcher(den, layers=demo.Attention)
+    rule = Compose(SEG(2.0, sigma=1.5, cfg_scale=3.0, layers="model.blocks.0.attn"), PAG(1.0))
+    x, labels = torch.randn(2, 1, 16, 16), torch.tensor([3, 7])
+    null = {"class_labels": torch.full((2,), demo.NULL_CLASS)}
+    outs = []
+    with torch.no_grad():
+        for batched in (True, False):
+            guided = GuidedDenoiser(den, rule, uncond=null, perturber=patcher, batched=batched)
+            outs.append(guided(x, torch.full((2,), 2.0), class_labels=labels))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        plain = GuidedDenoiser(den, SEG(0.0, cfg_scale=3.0), uncond=null)(
+            x, torch.full((2,), 2.0), class_labels=labels
+        )
+    assert not torch.allclose(outs[0], plain, atol=1e-4)
