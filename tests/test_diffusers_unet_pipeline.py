@@ -288,3 +288,16 @@ def test_controlnet_and_img2img_pipelines() -> None:
         assert torch.isfinite(images).all()
         assert seen.batches == [3, 3]
         assert no_hooks(pipe.unet)
+
+
+def test_img2img_progress_counts_the_steps_it_runs() -> None:
+    """strength 0.5 of 4 steps runs 2 (progress 0, 1): Interval(0.5, 1) is on at the second."""
+    sd = make_pipe("sd")
+    i2i = diffusers.StableDiffusionImg2ImgPipeline(
+        **{k: v for k, v in sd.components.items() if k != "image_encoder"}
+    )
+    i2i.set_progress_bar_config(disable=True)
+    rule = SEG(3.0, sigma=2.0, schedule=Interval(0.5, 1.0, on="progress"))
+    with UNetBatches(i2i) as seen:
+        call(GuidedPipeline(i2i, rule), steps=4, image=torch.rand(1, 3, H, W), strength=0.5)
+    assert seen.batches == [1, 2]

@@ -352,8 +352,12 @@ class GuidedPipeline:
 
     def _context(self, timestep: Any) -> StepContext:
         sigma = self.adapter.sigma(self.pipe, timestep)
-        timesteps = getattr(self.pipe.scheduler, "timesteps", None)
-        n = len(timesteps) if timesteps is not None else 0
+        # The pipeline's own count of this run's steps (img2img runs only the tail of
+        # the scheduler's timesteps), else the scheduler's.
+        n = getattr(self.pipe, "_num_timesteps", None)
+        if not isinstance(n, int):
+            timesteps = getattr(self.pipe.scheduler, "timesteps", None)
+            n = len(timesteps) if timesteps is not None else 0
         if 0 <= self._calls < n:
             return StepContext(sigma, step=self._calls, num_steps=n)
         return StepContext(sigma)
