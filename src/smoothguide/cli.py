@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import sys
 from collections.abc import Sequence
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
+
+#: Subcommands implemented by the optional demo layer, with the module whose
+#: ``main(argv)`` runs them (their options are documented by ``--help`` there).
+DELEGATED = {"demo": "smoothguide.demo.run", "train-demo": "smoothguide.demo.train"}
 
 
 def _energy(args: argparse.Namespace) -> int:
@@ -26,29 +31,17 @@ def _energy(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _delegate(module: str, rest: list[str]) -> int:
+    """Run ``module.main(rest)`` from the optional demo layer, naming the extra if missing."""
     try:
-        from .demo import run_demo
+        entry = importlib.import_module(module).main
     except ImportError as exc:  # pragma: no cover - depends on the environment
         print(
-            f"smoothguide demo needs the demo extra: pip install 'smoothguide[demo]' ({exc})",
+            f"this command needs the demo extra: pip install 'smoothguide[demo]' ({exc})",
             file=sys.stderr,
         )
         return 2
-    run_demo(
-        out=args.out,
-        quick=args.quick,
-        device=args.device,
-        progress=not args.no_progress,
-        seed=args.seed,
-    )
-    return 0
-
-
-def _train_demo(args: argparse.Namespace, rest: list[str]) -> int:
-    from .demo.train import main as train_main
-
-    return int(train_main(rest) or 0)
+    return int(entry(rest) or 0)
 
 
 def _sigma(text: str) -> float:
@@ -61,25 +54,19 @@ def _sigma(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``smoothguide`` command."""
     parser = argparse.ArgumentParser(
-        prog="smoothguide",
-        description="Smoothed Energy Guidance for diffusion models.",
+        prog="smoothguide", description="Smoothed Energy Guidance for diffusion models."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-
-    demo = sub.add_parser(
-        "demo", help="guide the embedded digit model with SEG, CFG, PAG; write pictures and metrics"
+    sub.add_parser(
+        "demo",
+        add_help=False,
+        help="guide the embedded digit model with SEG, CFG and PAG; write pictures and "
+        "metrics (smoothguide demo --help lists its options)",
     )
-    demo.add_argument("--out", default="smoothguide-demo", help="output folder")
-    demo.add_argument("--quick", action="store_true", help="fewer samples and steps (CI smoke run)")
-    demo.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    demo.set_defaults(func=_demo)
-
     energy = sub.add_parser(
         "energy",
-        help="how query blur changes the attention energy, "
-        "variance and curvature of random queries",
+        help="how query blur changes the attention energy, variance and curvature of "
+        "random queries",
     )
     energy.add_argument("--height", type=int, default=12)
     energy.add_argument("--width", type=int, default=16)
@@ -90,22 +77,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     energy.add_argument("--sigmas", type=_sigma, nargs="+", default=[0, 0.5, 1, 2, 5, 10, math.inf])
     energy.set_defaults(func=_energy)
-
-    train = sub.add_parser(
+    sub.add_parser(
         "train-demo",
-        help="train the embedded demo model (arguments go to python -m smoothguide.demo.train)",
         add_help=False,
+        help="train the embedded demo model (smoothguide train-demo --help lists its options)",
     )
-    train.set_defaults(func=None)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``smoothguide`` command."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "train-demo":
-        return _train_demo(argparse.Namespace(), argv[1:])
-    args = build_parser().parse_args(argv)
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and args_list[0] in DELEGATED:
+        return _delegate(DELEGATED[args_list[0]], args_list[1:])
+    args = build_parser().parse_args(args_list)
     return int(args.func(args))
 
 

@@ -22,13 +22,13 @@ def _check_aspect(aspect: object) -> tuple[int, int]:
         not isinstance(aspect, tuple | list)
         or len(aspect) != 2
         or not all(isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in aspect)
-        or not all(a >= 1 for a in aspect)  # type: ignore[operator]
+        or not all(a >= 1 for a in aspect)
     ):
         raise ValueError(
             "aspect must be a (height, width) pair of positive ints, e.g. the latent's "
             f"spatial shape, got {aspect!r}"
         )
-    return int(aspect[0]), int(aspect[1])  # type: ignore[index]
+    return int(aspect[0]), int(aspect[1])
 
 
 def _divisors(n: int) -> list[int]:

@@ -63,7 +63,7 @@ def _check_mode(mode: object) -> None:
 def _check_radius(radius: object) -> int | None:
     if radius is None:
         return None
-    if isinstance(radius, bool) or not isinstance(radius, numbers.Integral) or radius < 0:
+    if isinstance(radius, bool) or not isinstance(radius, int | np.integer) or radius < 0:
         raise ValueError(f"radius must be None or an int >= 0, got {radius!r}")
     if radius > MAX_RADIUS:
         raise ValueError(f"radius must be <= {MAX_RADIUS}, got {radius}; use sigma=math.inf")
@@ -257,7 +257,9 @@ def _per_axis_sigma(sigma: float | tuple[float, ...]) -> tuple[float, float, flo
     return (0.0, sigma, sigma)
 
 
-def _blur_axis(xp: Any, x: Array, axis: int, sigma: float, radius: int | None, mode: str) -> Array:
+def _blur_axis(
+    xp: Any, x: Array, axis: int, sigma: float, radius: int | None, mode: Mode
+) -> Array:
     """Blur ``x`` along ``axis`` (negative, counted from the end) with a left matmul."""
     n = x.shape[axis]
     if sigma == 0.0 or n == 1:
