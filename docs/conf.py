@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT / "src"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no torchvision notices in the log
 
 import smoothguide  # noqa: E402
 

@@ -246,6 +246,15 @@ def test_cited_tests_exist() -> None:
     assert not problems, f"theory.md cites tests that do not exist: {problems}"
 
 
+def test_theory_quotes_the_energy_command_as_it_prints() -> None:
+    from smoothguide.energy_report import energy_report
+
+    text = (DOCS / "theory.md").read_text(encoding="utf-8")
+    assert "smoothguide energy --height 8 --width 12 --mode reflect" in text
+    for line in energy_report(height=8, width=12, mode="reflect").splitlines():
+        assert line in text, f"theory.md quotes an outdated `smoothguide energy` line: {line}"
+
+
 def test_theory_cites_every_paper_claim_test() -> None:
     body = (ROOT / "tests" / "test_paper_claims.py").read_text(encoding="utf-8")
     defined = set(re.findall(r"^def (test_\w+)\(", body, re.MULTILINE))
