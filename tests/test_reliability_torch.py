@@ -684,3 +684,78 @@ def test_keyboard_interrupt_during_a_guided_pipeline_call() -> None:
         handle.remove()
     assert_restored(unet, before)
     assert torch.equal(call(pipe, guidance_scale=3.0), plain)
+
+
+# -- a perturbation must never silently do nothing ------------------------------------------
+
+
+class SkippingNet(Net):
+    """A Net whose second block can be skipped (a conditional path, an unused branch)."""
+
+    skip_second = False
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = img.shape
+        z = img.flatten(2).transpose(1, 2) + self.offset
+        z = z + self.blocks[0](z)
+        if not self.skip_second:
+            z = z + self.blocks[1](z)
+        return z.transpose(1, 2).reshape(b, c, h, w)
+
+
+@failure_mode(
+    "a perturbation selecting only a layer that does not run in the model calls made inside "
+    "the context (a skipped conditional path)",
+    "RuntimeError naming the layer when the context exits: the perturbation never silently "
+    "does nothing",
+)
+def test_selected_layer_that_never_runs_is_an_error() -> None:
+    torch.manual_seed(0)
+    net = SkippingNet().eval()
+    net.skip_second = True
+    img = image()
+    patcher = AttentionPatcher(net, layers=Attn)
+    with (
+        pytest.raises(RuntimeError, match=r"blocks\.1"),
+        patcher.perturb(QuerySmoothing(INF, layers="blocks.1"), rows=[0]),
+    ):
+        net(img)
+    assert hooks(net) == 0
+
+
+@failure_mode(
+    "SEG on a diffusers UNet whose attention processor does not call "
+    "scaled_dot_product_attention (the classic AttnProcessor)",
+    "RuntimeError naming the layer and its processor class and how to fix it; never a silent "
+    "no-op; processors and weights restored",
+)
+def test_non_sdpa_processor_is_refused_loudly() -> None:
+    diffusers = pytest.importorskip("diffusers")
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from smoothguide.diffusers import patcher_for
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        attention_head_dim=4,
+        norm_num_groups=4,
+        cross_attention_dim=12,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    ).eval()
+    unet.set_attn_processor(AttnProcessor())
+    before = snapshot(unet)
+    g = torch.Generator().manual_seed(0)
+    x, ehs = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 12, generator=g)
+    with (
+        pytest.raises(RuntimeError, match=r"mid_block.*AttnProcessor.*scaled_dot_product"),
+        torch.no_grad(),
+        patcher_for(unet).perturb(QuerySmoothing(1.0, layers="mid"), rows=[1]),
+    ):
+        unet(x, torch.tensor([5, 5]), encoder_hidden_states=ehs)
+    assert_restored(unet, before)
