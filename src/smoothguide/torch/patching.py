@@ -13,6 +13,7 @@ custom) computes them. Hooks are removed on exit, also after an exception.
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -70,6 +71,28 @@ class _Call:
         return self._geometry
 
 
+class _ThreadState(threading.local):
+    """Per-thread state: the perturbations entered, model calls running and modes pushed."""
+
+    def __init__(self) -> None:
+        self.active: list[_Entry] = []
+        self.calls: list[_Call] = []
+        self.modes: dict[str, list[_SDPAMode | None]] = {}
+        self.pushed: list[_SDPAMode] = []
+
+
+def _remove_mode(mode: TorchFunctionMode) -> None:
+    """Take ``mode`` off this thread's torch-function-mode stack, keeping the modes above it."""
+    above = []
+    while torch._C._len_torch_function_stack() > 0:
+        top = torch._C._pop_torch_function_stack()
+        if top is mode:
+            break
+        above.append(top)
+    for other in reversed(above):
+        torch._C._push_on_torch_function_stack(other)
+
+
 class _SDPAMode(TorchFunctionMode):
     """Routes ``scaled_dot_product_attention`` calls made inside one layer to the patcher."""
 
@@ -125,6 +148,9 @@ class AttentionPatcher:
     batch, model row major). A perturbed layer that runs without calling
     ``scaled_dot_product_attention`` raises ``RuntimeError``: the perturbation
     never silently does nothing.
+
+    A context entered in one thread perturbs only the calls made by that
+    thread (hooks are shared, their state is per thread).
 
     Parameters
     ----------
@@ -196,13 +222,13 @@ class AttentionPatcher:
                 raise ValueError(f"preset {key!r} names unknown layers {unknown}")
             self._presets[key] = self._ordered(names)
         self._default = self.resolve(default) if default is not None else self.layers
-        self._active: list[_Entry] = []
-        self._calls: list[_Call] = []
+        # What a thread entered affects only that thread's calls; the hooks are shared.
+        self._local = _ThreadState()
+        self._lock = threading.RLock()
         self._attached = 0
         self._root_handles: list[Any] = []
         self._layer_refs: dict[str, int] = {}
         self._layer_handles: dict[str, list[Any]] = {}
-        self._mode_stack: dict[str, list[_SDPAMode | None]] = {}
 
     # ----------------------------------------------------------------- layers
     @staticmethod
@@ -342,7 +368,7 @@ class AttentionPatcher:
         if len(set(checked)) != len(checked):
             raise ValueError(f"rows must not repeat, got {list(rows)}")
         layers = frozenset(self.resolve(perturbation.layers))
-        for other in self._active:
+        for other in self._local.active:
             shared = set(checked) & set(other.rows)
             if shared and other.layers & layers:
                 raise ValueError(
@@ -353,16 +379,34 @@ class AttentionPatcher:
             yield  # nothing to do: sigma = 0 is the plain model, bit for bit
             return
         entry = _Entry(perturbation, checked, layers)
+        local = self._local
         with self.attached():
-            self._active.append(entry)
+            local.active.append(entry)
             try:
-                for name in layers:
-                    self._hook_layer(name)
+                with self._lock:
+                    for name in layers:
+                        self._hook_layer(name)
                 yield
             finally:
-                self._active.remove(entry)
-                for name in layers:
-                    self._unhook_layer(name)
+                local.active.remove(entry)
+                with self._lock:
+                    for name in layers:
+                        self._unhook_layer(name)
+                if not local.active:
+                    self._drop_leftovers()
+
+    def _drop_leftovers(self) -> None:
+        """Pop modes (and call records) a ``BaseException`` left behind in this thread.
+
+        ``always_call`` forward hooks run only for ``Exception``; after a
+        ``KeyboardInterrupt`` inside a perturbed layer its mode would stay on the
+        thread's torch-function-mode stack and catch every later SDPA call.
+        """
+        local = self._local
+        while local.pushed:
+            _remove_mode(local.pushed.pop())
+        local.modes.clear()
+        local.calls.clear()
 
     @contextmanager
     def attached(self) -> Iterator[None]:
@@ -373,30 +417,34 @@ class AttentionPatcher:
         pre-hook of the model, as the diffusers pipeline wrapper does), since a
         hook added during a call runs only from the next call on.
         """
-        if self._attached == 0:
-            self._root_handles = [
-                self.model.register_forward_pre_hook(self._root_pre, with_kwargs=True),
-                self.model.register_forward_hook(self._root_post, always_call=True),
-            ]
-        self._attached += 1
+        with self._lock:
+            if self._attached == 0:
+                self._root_handles = [
+                    self.model.register_forward_pre_hook(self._root_pre, with_kwargs=True),
+                    self.model.register_forward_hook(self._root_post, always_call=True),
+                ]
+            self._attached += 1
         try:
             yield
         finally:
-            self._attached -= 1
-            if self._attached == 0:
-                for handle in self._root_handles:
-                    handle.remove()
-                self._root_handles = []
-                self._calls.clear()
+            with self._lock:
+                self._attached -= 1
+                if self._attached == 0:
+                    for handle in self._root_handles:
+                        handle.remove()
+                    self._root_handles = []
+            if not self._local.active:
+                self._drop_leftovers()
 
     def _root_pre(
         self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
-        self._calls.append(_Call(args, kwargs, self._geometry_fn))
+        self._local.calls.append(_Call(args, kwargs, self._geometry_fn))
 
     def _root_post(self, module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if self._calls:
-            self._calls.pop()
+        calls = self._local.calls
+        if calls:
+            calls.pop()
 
     def _hook_layer(self, name: str) -> None:
         self._layer_refs[name] = self._layer_refs.get(name, 0) + 1
@@ -405,20 +453,27 @@ class AttentionPatcher:
         module = self._modules[name]
 
         def pre(mod: torch.nn.Module, args: tuple[Any, ...]) -> None:
-            entries = [e for e in self._active if name in e.layers]
+            local = self._local
+            entries = [e for e in local.active if name in e.layers]
             mode = _SDPAMode(self, name, entries) if entries else None
-            self._mode_stack.setdefault(name, []).append(mode)
+            local.modes.setdefault(name, []).append(mode)
             if mode is not None:
                 mode.__enter__()
+                local.pushed.append(mode)
 
         def post(mod: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            stack = self._mode_stack.get(name)
+            local = self._local
+            stack = local.modes.get(name)
             if not stack:
                 return
             mode = stack.pop()
             if mode is None:
                 return
-            mode.__exit__(None, None, None)
+            if local.pushed and local.pushed[-1] is mode:
+                local.pushed.pop()
+            elif mode in local.pushed:
+                local.pushed.remove(mode)
+            _remove_mode(mode)
             if mode.calls == 0 and sys.exc_info()[0] is None:
                 processor = getattr(getattr(mod, "processor", None), "__class__", None)
                 raise RuntimeError(
@@ -440,16 +495,16 @@ class AttentionPatcher:
             del self._layer_refs[name]
             for handle in self._layer_handles.pop(name):
                 handle.remove()
-            self._mode_stack.pop(name, None)
 
     # ------------------------------------------------------------- attention
     def _grid(self, name: str, num_tokens: int) -> tuple[TokenGrid, Geometry]:
-        if not self._calls:
+        calls = self._local.calls
+        if not calls:
             raise RuntimeError(
                 f"attention layer {name!r} ran outside a forward call of the patched "
                 f"{type(self.model).__name__}; call the model itself inside perturb()"
             )
-        call = self._calls[-1]
+        call = calls[-1]
         geometry = call.geometry
         key = (name, num_tokens)
         if key not in call.grids:
