@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from _common import DEFAULT_OUT, figure, save
+from _figstyle import DEFAULT_OUT, figure, save
 
 from smoothguide import (
     blur_matrix,

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from _common import DEFAULT_OUT, figure, save
+from _figstyle import DEFAULT_OUT, figure, save
 
 from smoothguide import blur_matrix, default_radius, gaussian_kernel1d
 from smoothguide.smoothing import MODES

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from _common import DEFAULT_OUT, STYLE, save
+from _figstyle import DEFAULT_OUT, STYLE, save
 from query_blur import toy_queries
 
 from smoothguide import TokenGrid, attention_logits, lse_energy, smooth_queries
