@@ -7,6 +7,7 @@ so every line the tutorial shows is executed in CI. The tutorial page
 
 from __future__ import annotations
 
+# [imports]
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -17,6 +18,8 @@ from smoothguide import TokenGrid, attention, smooth_queries
 from smoothguide.perturbations import Perturbation, QuerySmoothing
 from smoothguide.rules import CFG, SEG, StepContext
 from smoothguide.sampling import GuidedDenoiser, karras_sigmas, sample_euler
+
+# [/imports]
 
 # [model]
 SIGMA_DATA = 0.5
