@@ -4,7 +4,8 @@ Needs the ``diffusers`` extra (``pip install 'smoothguide[diffusers]'``).
 
 - :func:`patcher_for`: an :class:`~smoothguide.torch.AttentionPatcher` for a
   diffusers model, via its registered :class:`ModelFamily`
-  (``UNet2DConditionModel`` is built in: :mod:`smoothguide.diffusers.unet`).
+  (``UNet2DConditionModel``: :mod:`smoothguide.diffusers.unet`; SD3, Flux,
+  PixArt/DiT and video transformers: :mod:`smoothguide.diffusers.transformers`).
 - :class:`GuidedPipeline`: run a ``StableDiffusionPipeline`` or
   ``StableDiffusionXLPipeline`` under any :mod:`smoothguide.rules` rule, all
   branches batched into one denoiser call per step.
@@ -12,6 +13,9 @@ Needs the ``diffusers`` extra (``pip install 'smoothguide[diffusers]'``).
 
 from __future__ import annotations
 
+# `transformers` registers the SD3, Flux, PixArt/DiT, LTX-Video and Wan families and
+# their pipeline adapters (it imports what it builds on itself).
+from . import transformers as _transformers  # noqa: F401
 from ._deps import diffusers as _diffusers  # noqa: F401  (fails early, naming the extra)
 from .family import ModelFamily, families, family_for, patcher_for, register_family
 from .pipeline import (
