@@ -759,3 +759,26 @@ def test_non_sdpa_processor_is_refused_loudly() -> None:
     ):
         unet(x, torch.tensor([5, 5]), encoder_hidden_states=ehs)
     assert_restored(unet, before)
+
+
+@failure_mode(
+    "KeyboardInterrupt inside a patched layer, caught by user code inside an outer perturb() "
+    "context that then keeps calling the model",
+    "the outer context's later calls are exactly as if the inner context had never existed "
+    "(no leftover mode perturbs them twice)",
+)
+def test_caught_interrupt_inside_an_outer_context_leaves_no_stale_perturbation() -> None:
+    net = make_net()
+    img = image()
+    patcher = AttentionPatcher(net, layers=Attn)
+    seg, pag = QuerySmoothing(1.0), IdentityAttention()
+    with patcher.perturb(seg, rows=[0]):
+        expected = net(img)
+    with patcher.perturb(seg, rows=[0]):
+        net.blocks[0].fail = KeyboardInterrupt
+        with pytest.raises(KeyboardInterrupt), patcher.perturb(pag, rows=[1]):
+            net(img)
+        net.blocks[0].fail = None
+        assert torch._C._len_torch_function_stack() == 0
+        assert torch.equal(net(img), expected)
+    assert hooks(net) == 0
