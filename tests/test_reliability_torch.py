@@ -14,6 +14,7 @@ import copy
 import math
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -690,29 +691,33 @@ def test_keyboard_interrupt_during_a_guided_pipeline_call() -> None:
 
 
 class SkippingNet(Net):
-    """A Net whose second block can be skipped (a conditional path, an unused branch)."""
+    """A Net whose second block is skipped (a conditional path) or run in a worker thread."""
 
-    skip_second = False
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         b, c, h, w = img.shape
         z = img.flatten(2).transpose(1, 2) + self.offset
         z = z + self.blocks[0](z)
-        if not self.skip_second:
-            z = z + self.blocks[1](z)
+        if self.how == "worker-thread":
+            with ThreadPoolExecutor(1) as pool:
+                z = z + pool.submit(self.blocks[1], z).result()
         return z.transpose(1, 2).reshape(b, c, h, w)
 
 
 @failure_mode(
-    "a perturbation selecting only a layer that does not run in the model calls made inside "
-    "the context (a skipped conditional path)",
+    "a perturbation selecting only a layer that does not run in the calling thread during the "
+    "context: a skipped conditional path, or a forward that runs the layer in a worker thread "
+    "(as DataParallel does)",
     "RuntimeError naming the layer when the context exits: the perturbation never silently "
     "does nothing",
 )
-def test_selected_layer_that_never_runs_is_an_error() -> None:
+@pytest.mark.parametrize("how", ["skipped", "worker-thread"])
+def test_selected_layer_that_never_runs_is_an_error(how: str) -> None:
     torch.manual_seed(0)
-    net = SkippingNet().eval()
-    net.skip_second = True
+    net = SkippingNet(how).eval()
     img = image()
     patcher = AttentionPatcher(net, layers=Attn)
     with (
