@@ -292,3 +292,24 @@ def test_guided_denoiser_batched_equals_separate_calls_on_the_demo_model() -> No
             x, torch.full((2,), 2.0), class_labels=labels
         )
     assert not torch.allclose(outs[0], plain, atol=1e-4)
+
+
+def test_selected_layers_that_never_run_are_an_error(net: Net) -> None:
+    """The model ran inside the context but the chosen layer did not: loud, not a silent no-op."""
+
+    class Skip(Net):
+        def forward(self, img: torch.Tensor) -> torch.Tensor:
+            z = img.flatten(2).transpose(1, 2)
+            return self.blocks[0](z)
+
+    skip = Skip().eval()
+    p = AttentionPatcher(skip, layers=Attn)
+
+    def run() -> None:
+        with p.perturb(QuerySmoothing(1.0, layers="blocks.1"), rows=[0]):
+            skip(torch.randn(1, 8, 2, 3))
+
+    with pytest.raises(RuntimeError, match=r"none of the selected layers \['blocks\.1'\] ran"):
+        run()
+    with p.perturb(QuerySmoothing(1.0, layers="blocks.1"), rows=[0]):
+        pass  # no model call at all: nothing to complain about

@@ -43,11 +43,15 @@ LayerSource = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class _Entry:
+    """One active ``perturb`` context and what happened inside it."""
+
     perturbation: Perturbation
     rows: tuple[int, ...]
     layers: frozenset[str]
+    model_calls: int = 0  # forward calls of the model seen by the context
+    ran: set[str] = field(default_factory=set)  # selected layers that ran
 
 
 @dataclass
@@ -380,6 +384,10 @@ class AttentionPatcher:
             return
         entry = _Entry(perturbation, checked, layers)
         local = self._local
+        # Entered inside a model call (e.g. from a forward pre-hook): that call counts.
+        entry.model_calls = 1 if local.calls else 0
+        marks = (len(local.pushed), len(local.calls))
+        failed = False
         with self.attached():
             local.active.append(entry)
             try:
@@ -387,26 +395,43 @@ class AttentionPatcher:
                     for name in layers:
                         self._hook_layer(name)
                 yield
+            except BaseException:
+                failed = True
+                raise
             finally:
                 local.active.remove(entry)
                 with self._lock:
                     for name in layers:
                         self._unhook_layer(name)
-                if not local.active:
-                    self._drop_leftovers()
+                self._drop_leftovers(*marks)
+                if not failed and entry.model_calls and not entry.ran:
+                    raise RuntimeError(
+                        f"none of the selected layers {sorted(layers)} ran in the "
+                        f"{entry.model_calls} forward call(s) of {type(self.model).__name__} made "
+                        f"inside perturb(), so {perturbation} had no effect; select layers on the "
+                        "path the model takes"
+                    )
 
-    def _drop_leftovers(self) -> None:
-        """Pop modes (and call records) a ``BaseException`` left behind in this thread.
+    def _drop_leftovers(self, pushed: int = 0, calls: int = 0) -> None:
+        """Pop modes and call records that a ``BaseException`` left behind in this thread.
 
         ``always_call`` forward hooks run only for ``Exception``; after a
         ``KeyboardInterrupt`` inside a perturbed layer its mode would stay on the
-        thread's torch-function-mode stack and catch every later SDPA call.
+        thread's torch-function-mode stack and catch every later SDPA call. Whatever
+        was pushed after a context was entered belongs to model calls that have
+        ended when it exits, so it goes.
         """
         local = self._local
-        while local.pushed:
-            _remove_mode(local.pushed.pop())
-        local.modes.clear()
-        local.calls.clear()
+        dropped = []
+        while len(local.pushed) > pushed:
+            mode = local.pushed.pop()
+            _remove_mode(mode)
+            dropped.append(mode)
+        for name, stack in list(local.modes.items()):
+            stack[:] = [m for m in stack if not any(m is d for d in dropped)]
+            if not stack or not local.active:
+                del local.modes[name]
+        del local.calls[calls:]
 
     @contextmanager
     def attached(self) -> Iterator[None]:
@@ -434,12 +459,15 @@ class AttentionPatcher:
                         handle.remove()
                     self._root_handles = []
             if not self._local.active:
-                self._drop_leftovers()
+                self._drop_leftovers(0, len(self._local.calls) if self._attached else 0)
 
     def _root_pre(
         self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
-        self._local.calls.append(_Call(args, kwargs, self._geometry_fn))
+        local = self._local
+        local.calls.append(_Call(args, kwargs, self._geometry_fn))
+        for entry in local.active:
+            entry.model_calls += 1
 
     def _root_post(self, module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
         calls = self._local.calls
@@ -456,6 +484,8 @@ class AttentionPatcher:
             local = self._local
             entries = [e for e in local.active if name in e.layers]
             mode = _SDPAMode(self, name, entries) if entries else None
+            for entry in entries:
+                entry.ran.add(name)
             local.modes.setdefault(name, []).append(mode)
             if mode is not None:
                 mode.__enter__()
