@@ -150,8 +150,9 @@ class AttentionPatcher:
     layer's :class:`LayerSpec` layout. Attention rows are mapped to model rows
     by the integer ratio of their batch sizes (heads or frames folded into the
     batch, model row major). A perturbed layer that runs without calling
-    ``scaled_dot_product_attention`` raises ``RuntimeError``: the perturbation
-    never silently does nothing.
+    ``scaled_dot_product_attention`` raises ``RuntimeError``, and so does a
+    context in which the model ran but none of its selected layers did: the
+    perturbation never silently does nothing.
 
     A context entered in one thread perturbs only the calls made by that
     thread (hooks are shared, their state is per thread).
