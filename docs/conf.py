@@ -154,9 +154,32 @@ def _automodules(app: Any, docname: str, source: list[str]) -> None:
     source[0] = _AUTOMODULES.sub(block, source[0])
 
 
+def _toplevel_summary(app: Any, docname: str, source: list[str]) -> None:
+    """``<!-- toplevel-summary -->``: autosummary tables of ``smoothguide.__all__``, by module."""
+    if "<!-- toplevel-summary -->" not in source[0]:
+        return
+    groups: dict[str, list[str]] = {}
+    for name in smoothguide.__all__:
+        obj = getattr(smoothguide, name)
+        if name.startswith("_") or not (isinstance(obj, type) or callable(obj)):
+            continue
+        groups.setdefault(
+            obj.__module__.rpartition(".")[0] if ".rules." in obj.__module__ else obj.__module__, []
+        ).append(name)
+    parts = []
+    for module, names in sorted(groups.items()):
+        rows = "\n".join(f"   {n}" for n in names)
+        parts.append(
+            f"**{{mod}}`{module}`**\n\n```{{eval-rst}}\n.. currentmodule:: smoothguide\n\n"
+            f".. autosummary::\n\n{rows}\n```\n"
+        )
+    source[0] = source[0].replace("<!-- toplevel-summary -->", "\n".join(parts))
+
+
 #: Pages whose text depends on which pages or modules exist: re-read on every build.
 DYNAMIC_PAGES = [
     "index",
+    "api/index",
     "tutorials/diffusers",
     "api/rules",
     "api/sampling",
@@ -258,6 +281,7 @@ def setup(app: Any) -> dict[str, Any]:
     app.connect("source-read", _optional_toctree)
     app.connect("source-read", _optional_links)
     app.connect("source-read", _automodules)
+    app.connect("source-read", _toplevel_summary)
     app.connect("env-get-outdated", _always_reread)
     app.connect("env-before-read-docs", _reset_seen)
     app.connect("autodoc-skip-member", _skip_repeated_reexport)
