@@ -145,6 +145,17 @@ def make_ltx() -> torch.nn.Module:
     )
 
 
+def make_cogvideox() -> torch.nn.Module:
+    _seed()
+    return _randomize(
+        diffusers.CogVideoXTransformer3DModel(
+            num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+            time_embed_dim=2, text_embed_dim=16, num_layers=3, sample_width=10, sample_height=4,
+            sample_frames=9, patch_size=2, temporal_compression_ratio=4, max_text_seq_length=6,
+        )
+    )  # fmt: skip
+
+
 def make_wan() -> torch.nn.Module:
     _seed()
     return _randomize(
@@ -228,6 +239,13 @@ def inputs(
             encoder_hidden_states=torch.randn(batch, 6, 16, generator=g),
             timestep=t,
         )
+    if family == "cogvideox":  # (B, F, C, H, W); text length = max_text_seq_length
+        f, h, w = size
+        return dict(
+            hidden_states=torch.randn(batch, f, 4, 2 * h, 2 * w, generator=g),
+            encoder_hidden_states=torch.randn(batch, 6, 16, generator=g),
+            timestep=t.long(),
+        )
     raise AssertionError(family)
 
 
@@ -238,6 +256,7 @@ MAKERS: dict[str, Callable[[], torch.nn.Module]] = {
     "dit": make_dit,
     "ltx": make_ltx,
     "wan": make_wan,
+    "cogvideox": make_cogvideox,
 }
 #: non-square token grids per family (h != w; video: frames x h x w)
 #: (diffusers' DiTTransformer2DModel itself unpatchifies square latents only)
@@ -248,6 +267,7 @@ SIZES = {
     "dit": (4, 4),
     "ltx": (3, 2, 5),
     "wan": (3, 2, 5),
+    "cogvideox": (3, 2, 5),
 }
 
 
@@ -261,14 +281,19 @@ def tolerance(reference: torch.Tensor) -> float:
     return 1e-4 * float(reference.abs().max())
 
 
-def assert_close(actual: torch.Tensor, reference: torch.Tensor) -> None:
+def assert_close(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    """Returns the max abs error, so a later "differs" check can be made relative to it."""
     err = float((actual - reference).abs().max())
     assert err <= tolerance(reference), f"max abs error {err:.3g} > {tolerance(reference):.3g}"
+    return err
 
 
-def assert_differs(actual: torch.Tensor, reference: torch.Tensor) -> None:
-    diff = float((actual - reference).abs().max())
-    assert diff > 10 * tolerance(reference), f"max abs difference {diff:.3g} is within rounding"
+def assert_differs(actual: torch.Tensor, other: torch.Tensor, error: float) -> None:
+    """``actual`` differs from ``other`` by 10x the error measured against its reference
+    (and by more than 1e-5 of the output scale, i.e. ~100 float32 ulps)."""
+    diff = float((actual - other).abs().max())
+    floor = max(10 * error, 1e-5 * float(other.abs().max()))
+    assert diff > floor, f"max abs difference {diff:.3g} is within rounding ({floor:.3g})"
 
 
 def run(model: torch.nn.Module, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -439,6 +464,36 @@ class RefSelf:
         return attn.to_out[1](attn.to_out[0](out))
 
 
+class RefCog:
+    """CogVideoXAttnProcessor2_0 math (text first, no RoPE in this config)."""
+
+    def __init__(self, edit: Callable[[torch.Tensor, int], torch.Tensor]) -> None:
+        self.edit = edit
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: Any = None,
+        image_rotary_emb: Any = None,
+    ) -> Any:
+        assert attention_mask is None
+        assert image_rotary_emb is None
+        t = encoder_hidden_states.shape[1]
+        x = torch.cat([encoder_hidden_states, hidden_states], 1)
+        b = x.shape[0]
+
+        def heads(y: torch.Tensor) -> torch.Tensor:
+            return y.view(b, -1, attn.heads, y.shape[-1] // attn.heads).transpose(1, 2)
+
+        q, k, v = (heads(f(x)) for f in (attn.to_q, attn.to_k, attn.to_v))
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        out = naive_attention(self.edit(q, t), k, v).transpose(1, 2).flatten(2)
+        out = attn.to_out[1](attn.to_out[0](out))
+        return out[:, t:], out[:, :t]
+
+
 class RefLTX:
     """LTXVideoAttnProcessor math; the edit runs after (default) or before RoPE."""
 
@@ -492,6 +547,8 @@ def reference_model(
             proc = RefSelf(edit)
         elif family == "ltx":
             proc = RefLTX(edit, before_rope)
+        elif family == "cogvideox":
+            proc = RefCog(edit)
         else:
             raise AssertionError(family)
         modules[name].set_processor(proc)
@@ -637,7 +694,7 @@ def test_sigma_zero_is_the_plain_model(models: dict[str, torch.nn.Module], famil
             assert torch.equal(run(model, kw), plain)
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux", "pixart", "dit", "ltx"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "pixart", "dit", "ltx", "cogvideox"])
 def test_sigma_inf_equals_mean_query_reference(
     models: dict[str, torch.nn.Module], family: str
 ) -> None:
@@ -654,10 +711,10 @@ def test_sigma_inf_equals_mean_query_reference(
     ref = run(reference_model(family, model, layers, Edit([1], grid3(size), INF), n_img), kw)
     with p.perturb(QuerySmoothing(INF, layers=layers), rows=[1]):
         seg = run(model, kw)
-    assert_close(seg, ref)
+    err = assert_close(seg, ref)
     assert torch.equal(seg[0], plain[0])  # other rows: bit for bit
     assert torch.equal(seg[2], plain[2])
-    assert_differs(seg[1], plain[1])  # the perturbation really acts
+    assert_differs(seg[1], plain[1], err)  # the perturbation really acts
 
 
 @pytest.mark.parametrize("family", ["flux", "ltx"])
@@ -674,8 +731,8 @@ def test_blur_acts_after_rope_not_before(models: dict[str, torch.nn.Module], fam
     before = run(reference_model(family, model, p.layers, edit, n_img, before_rope=True), kw)
     with p.perturb(QuerySmoothing(sigma, layers=p.layers), rows=[1]):
         seg = run(model, kw)
-    assert_close(seg, after)
-    assert_differs(seg[1], before[1])
+    err = assert_close(seg, after)
+    assert_differs(seg[1], before[1], err)
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
@@ -765,7 +822,7 @@ def test_non_square_latents_use_their_grid(
     assert np.abs(q1 - blurred(wrong)).max() > 1e-2
 
 
-@pytest.mark.parametrize("family", ["ltx", "wan"])
+@pytest.mark.parametrize("family", ["ltx", "wan", "cogvideox"])
 def test_video_spatial_per_frame_and_temporal_blur(
     models: dict[str, torch.nn.Module], family: str
 ) -> None:
@@ -777,9 +834,10 @@ def test_video_spatial_per_frame_and_temporal_blur(
     with torch.no_grad(), capture(model, (layer,)) as plain:
         model(**kw)
     q0 = plain.queries[layer]
-    # LTX / Wan call SDPA with (B, heads, N, d) after diffusers' dispatch permute
-    raw = q0[1].double().numpy()
-    heads, n, d = raw.shape
+    # SDPA sees (B, heads, N, d); CogVideoX's text tokens come first, the video tokens last
+    n = f * h * w
+    raw = q0[1, :, -n:].double().numpy()
+    heads, _, d = raw.shape
     for sigma in (INF, (INF, INF, INF), (1.0, 0.0, 0.0), (0.7, 1.0, 2.0)):
         with (
             torch.no_grad(),
@@ -789,8 +847,9 @@ def test_video_spatial_per_frame_and_temporal_blur(
             model(**kw)
         q1 = seg.queries[layer]
         assert torch.equal(q1[0], q0[0])
+        assert torch.equal(q1[1, :, :-n], q0[1, :, :-n])  # text queries (CogVideoX)
         want = reference_blur(raw.reshape(heads, f, h, w, d), sigma3(sigma)).reshape(heads, n, d)
-        np.testing.assert_allclose(q1[1].double().numpy(), want, atol=1e-5)
+        np.testing.assert_allclose(q1[1, :, -n:].double().numpy(), want, atol=1e-5)
         if sigma == INF:  # spatial blur only: frames keep distinct mean queries
             frame_means = want.reshape(heads, f, h * w, d)[:, :, 0]
             assert np.abs(frame_means[:, 0] - frame_means[:, 1]).max() > 1e-3

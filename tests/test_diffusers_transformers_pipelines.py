@@ -89,6 +89,25 @@ def ltx_pipe() -> Any:
 
 
 @pytest.fixture(scope="module")
+def cogvideox_pipe() -> Any:
+    torch.manual_seed(0)
+    transformer = diffusers.CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+        time_embed_dim=2, text_embed_dim=16, num_layers=2, sample_width=2, sample_height=2,
+        sample_frames=9, patch_size=2, temporal_compression_ratio=4, max_text_seq_length=6,
+    )  # fmt: skip
+    vae = diffusers.AutoencoderKLCogVideoX(
+        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8),
+        latent_channels=4, layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4,
+    )  # fmt: skip
+    return diffusers.CogVideoXPipeline(
+        tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
+        scheduler=diffusers.CogVideoXDDIMScheduler(),
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
 def pixart_pipe() -> Any:
     torch.manual_seed(0)
     transformer = diffusers.PixArtTransformer2DModel(
@@ -234,6 +253,22 @@ def test_ltx_video_cfg_seg_with_temporal_blur(ltx_pipe: Any) -> None:
     assert seen == [2] * STEPS
     assert frames.shape == (1, 9, 32, 64, 3)
     assert np.isfinite(frames).all()
+
+
+def test_cogvideox_cfg_seg_per_frame(cogvideox_pipe: Any) -> None:
+    pe = torch.randn(1, 6, 16, generator=torch.Generator().manual_seed(1))
+    kw = dict(
+        prompt_embeds=pe, negative_prompt_embeds=0 * pe, height=16, width=32, num_frames=9,
+        num_inference_steps=STEPS, output_type="np",
+    )  # fmt: skip
+    plain = cogvideox_pipe(**kw, guidance_scale=5.0, generator=_gen()).frames
+    rule = SEG(3.0, sigma=math.inf, cfg_scale=5.0, layers="all")
+    with count_batches(cogvideox_pipe.transformer) as seen:
+        video = GuidedPipeline(cogvideox_pipe, rule)(**kw, generator=_gen()).frames
+    assert seen == [3] * STEPS
+    assert video.shape == (1, 9, 16, 32, 3)
+    assert np.isfinite(video).all()
+    assert np.abs(video - plain).max() > 1e-4
 
 
 def test_pixart_cfg_seg(pixart_pipe: Any) -> None:

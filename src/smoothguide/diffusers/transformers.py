@@ -1,4 +1,4 @@
-"""Transformer diffusion models: families (SD3, Flux, PixArt/DiT, LTX-Video, Wan) and pipelines.
+"""Transformer diffusion models: SD3, Flux, PixArt/DiT, LTX-Video, Wan, CogVideoX; pipelines.
 
 Importing this module registers the model families with
 :func:`~smoothguide.diffusers.register_family` (so
@@ -9,10 +9,12 @@ pipeline adapters with
 
 Pipelines and what the wrapper needs from them:
 
-``StableDiffusion3Pipeline``, ``PixArtAlphaPipeline``, ``PixArtSigmaPipeline``, ``LTXPipeline``
+``StableDiffusion3Pipeline``, ``PixArtAlphaPipeline``, ``PixArtSigmaPipeline``, ``LTXPipeline``, ``CogVideoXPipeline``
     batch ``[uncond; cond]`` in one transformer call when ``guidance_scale > 1``:
     the wrapper forces CFG mode, so every rule works (CFG + SEG, SEG alone,
-    PAG, ...), all branches in one transformer call per step.
+    PAG, ...), all branches in one transformer call per step. (CogVideoX's
+    ``use_dynamic_cfg`` has no effect under the wrapper: CFG belongs to the rule;
+    use a schedule there.)
 ``FluxPipeline``
     FLUX.1 dev / schnell are guidance-distilled: one conditional call per step,
     ``guidance_scale`` is an *input* of the model (the distilled CFG strength)
@@ -34,9 +36,11 @@ from .flux import FLUX, flux_geometry, flux_grid_from_ids, flux_layers, flux_pre
 from .pipeline import PipelineAdapter, register_pipeline_adapter, scheduler_sigma
 from .sd3 import SD3, sd3_geometry, sd3_layers, sd3_presets
 from .video import (
+    COGVIDEOX,
     LTX_VIDEO,
     WAN,
     VideoTokens,
+    cogvideox_geometry,
     ltx_geometry,
     video_layers,
     video_presets,
@@ -44,6 +48,7 @@ from .video import (
 )
 
 __all__ = [
+    "COGVIDEOX",
     "DIT",
     "FLUX",
     "FLUX_PIPELINE",
@@ -52,6 +57,7 @@ __all__ = [
     "TRANSFORMER_CFG_PIPELINES",
     "WAN",
     "VideoTokens",
+    "cogvideox_geometry",
     "dit_geometry",
     "dit_layers",
     "dit_presets",
@@ -83,7 +89,8 @@ TRANSFORMER_CFG_PIPELINES = register_pipeline_adapter(
             diffusers.StableDiffusion3Pipeline
             | diffusers.PixArtAlphaPipeline
             | diffusers.PixArtSigmaPipeline
-            | diffusers.LTXPipeline,
+            | diffusers.LTXPipeline
+            | diffusers.CogVideoXPipeline,
         ),
         denoiser="transformer",
         incoming=_cfg_batched,

@@ -1,4 +1,4 @@
-"""Video transformers with full 3-D self-attention: LTX-Video and Wan 2.x.
+"""Video transformers with full 3-D attention: LTX-Video, Wan 2.x and CogVideoX.
 
 Both run self-attention ``attn1`` over all ``frames x h x w`` latent tokens
 of the clip at once (frame-major, then row-major), with 3-D rotary position
@@ -22,6 +22,10 @@ The queries are blurred after QK-norm and RoPE, where they enter
 ``WanTransformer3DModel``
     input ``(B, C, F, H, W)``, patchified by ``config.patch_size`` ``(p_t, p_h, p_w)``;
     layers ``blocks.<i>.attn1``.
+``CogVideoXTransformer3DModel``
+    input ``(B, F, C, H, W)`` (frames before channels), patch ``p`` (and ``p_t`` for
+    CogVideoX 1.5); layers ``transformer_blocks.<i>.attn1`` are *joint* attention over
+    ``cat([text, video])``: the text tokens are a prefix and stay untouched, as in Flux.
 
 Presets (blocks split in thirds by depth): ``"mid"`` (default), ``"early"``,
 ``"late"``, ``"all"``, ``"block.<i>"``.
@@ -32,16 +36,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ..torch import Geometry, GeometryFn, LayerSpec
+from ..torch import Geometry, GeometryFn, JointTokens, LayerSpec
 from ..torch._deps import torch
 from ._blocks import VideoTokens, bind_call, latent_tensor, thirds
 from ._deps import diffusers
 from .family import ModelFamily, register_family
 
 __all__ = [
+    "COGVIDEOX",
     "LTX_VIDEO",
     "WAN",
     "VideoTokens",
+    "cogvideox_geometry",
     "ltx_geometry",
     "video_layers",
     "video_presets",
@@ -55,20 +61,24 @@ def _stack(model: torch.nn.Module) -> tuple[str, Sequence[torch.nn.Module]]:
 
 
 def video_layers(model: torch.nn.Module) -> dict[str, LayerSpec]:
-    """Self-attention ``attn1`` of every block of an LTX-Video or Wan transformer.
+    """Attention ``attn1`` of every block of an LTX-Video, Wan or CogVideoX transformer.
 
     Parameters
     ----------
     model
-        ``LTXVideoTransformer3DModel`` or ``WanTransformer3DModel``.
+        ``LTXVideoTransformer3DModel``, ``WanTransformer3DModel`` or
+        ``CogVideoXTransformer3DModel``.
 
     Returns
     -------
     dict
-        Module name -> :class:`~smoothguide.torch.LayerSpec` with :class:`VideoTokens`.
+        Module name -> :class:`~smoothguide.torch.LayerSpec`: :class:`VideoTokens`, or
+        ``JointTokens("prefix")`` for CogVideoX's text + video attention.
     """
     stack, blocks = _stack(model)
-    return {f"{stack}.{i}.attn1": LayerSpec(VideoTokens()) for i in range(len(blocks))}
+    joint = isinstance(model, diffusers.CogVideoXTransformer3DModel)
+    spec = LayerSpec(JointTokens("prefix") if joint else VideoTokens())
+    return {f"{stack}.{i}.attn1": spec for i in range(len(blocks))}
 
 
 def video_presets(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
@@ -137,6 +147,33 @@ def wan_geometry(model: torch.nn.Module) -> GeometryFn:
     return geometry
 
 
+def cogvideox_geometry(model: torch.nn.Module) -> GeometryFn:
+    """Geometry of a CogVideoX call: ``(F/p_t) x (H/p) x (W/p)`` tokens of the latent.
+
+    The latent is ``hidden_states`` of shape ``(B, F, C, H, W)`` (frames before channels).
+
+    Parameters
+    ----------
+    model
+        A ``CogVideoXTransformer3DModel`` (its ``config.patch_size`` and ``patch_size_t`` are read).
+
+    Returns
+    -------
+    GeometryFn
+    """
+    config = getattr(model, "config")  # noqa: B009
+    p, p_t = int(config.patch_size), int(config.patch_size_t or 1)
+
+    def geometry(args: tuple[Any, ...], kwargs: Any) -> Geometry:
+        x = latent_tensor(model, bind_call(model, args, kwargs), "hidden_states", 5)
+        frames, height, width = -(-x.shape[1] // p_t), x.shape[3] // p, x.shape[4] // p
+        return Geometry(
+            batch=x.shape[0], height=height, width=width, frames=frames, tokens=height * width
+        )
+
+    return geometry
+
+
 #: The family of ``diffusers.LTXVideoTransformer3DModel``; default preset ``"mid"``.
 LTX_VIDEO = register_family(
     ModelFamily(
@@ -158,5 +195,17 @@ WAN = register_family(
         presets=video_presets,
         default="mid",
         geometry=wan_geometry,
+    )
+)
+
+#: The family of ``diffusers.CogVideoXTransformer3DModel``; default preset ``"mid"``.
+COGVIDEOX = register_family(
+    ModelFamily(
+        name="cogvideox",
+        matches=lambda model: isinstance(model, diffusers.CogVideoXTransformer3DModel),
+        layers=video_layers,
+        presets=video_presets,
+        default="mid",
+        geometry=cogvideox_geometry,
     )
 )
