@@ -29,7 +29,7 @@ END = "<!-- END GENERATED TABLE -->"
 LAYERS = {
     "core": "Core (grid, smoothing, energy)",
     "rules": "Rules and samplers",
-    "torch": "Torch adapter and diffusers UNet",
+    "torch": "Torch adapter and diffusers models",
     "demo": "Embedded demo model and weights",
 }
 

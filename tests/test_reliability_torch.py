@@ -787,3 +787,60 @@ def test_caught_interrupt_inside_an_outer_context_leaves_no_stale_perturbation()
         assert torch._C._len_torch_function_stack() == 0
         assert torch.equal(net(img), expected)
     assert hooks(net) == 0
+
+
+# -- diffusers transformer families: token grids read from model inputs ----------------------
+
+
+@st.composite
+def flux_ids(draw: st.DrawFn) -> tuple[torch.Tensor, int, tuple[int, int] | None]:
+    """Flux ``img_ids`` of an h x w grid (any offsets and strides), maybe damaged."""
+    h, w = draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    r0, c0 = draw(st.integers(0, 5)), draw(st.integers(0, 5))
+    dr, dc = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    rows, cols = torch.meshgrid(r0 + dr * torch.arange(h), c0 + dc * torch.arange(w), indexing="ij")
+    ids = torch.stack([torch.zeros(h, w), rows.float(), cols.float()], -1).reshape(h * w, 3)
+    damage = draw(
+        st.sampled_from(["none", "column-major", "shuffle", "drop", "duplicate", "extra-ref"])
+    )
+    expected: tuple[int, int] | None = (h, w)
+    if damage == "column-major":
+        ids = ids.reshape(h, w, 3).transpose(0, 1).reshape(h * w, 3)
+        expected = (h, w) if h == 1 or w == 1 else None
+    elif damage == "shuffle":
+        perm = torch.randperm(
+            h * w, generator=torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+        )
+        ids = ids[perm]
+        expected = (h, w) if bool((perm == torch.arange(h * w)).all()) else None
+    elif damage == "drop" and h > 1 and w > 1:  # a hole inside a 2-D grid
+        keep = torch.arange(h * w) != (h * w) // 2
+        ids, expected = ids[keep], None
+    elif damage == "duplicate":
+        ids, expected = torch.cat([ids, ids[-1:]]), None
+    elif damage == "extra-ref":  # Kontext-style reference-image tokens appended
+        ref = ids.clone()
+        ref[:, 0] = 1.0
+        ids, expected = torch.cat([ids, ref]), None
+    return ids, ids.shape[0], expected
+
+
+@failure_mode(
+    "hypothesis: Flux img_ids of random grids (offsets, strides, 1xN, Nx1), and damaged ids: "
+    "column-major, shuffled, a token dropped or duplicated, extra reference-image tokens",
+    "the exact (rows, cols) of an intact row-major grid, else ValueError saying the ids are not "
+    "a row-major grid; never a guessed grid",
+)
+@settings(max_examples=60, deadline=None)  # the first example imports diffusers (seconds)
+@given(case=flux_ids())
+def test_fuzz_flux_grid_from_ids(case: tuple[torch.Tensor, int, tuple[int, int] | None]) -> None:
+    from smoothguide.diffusers.flux import flux_grid_from_ids
+
+    ids, n, expected = case
+    if expected is None:
+        with pytest.raises(ValueError, match="row-major grid"):
+            flux_grid_from_ids(ids, n)
+    else:
+        assert flux_grid_from_ids(ids, n) == expected
+    with pytest.raises(ValueError, match="img_ids must have shape"):
+        flux_grid_from_ids(ids, n + 1)
