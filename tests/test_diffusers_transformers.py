@@ -789,11 +789,14 @@ def test_non_square_latents_use_their_grid(
     model = models[family]
     h, w = grid
     kw = inputs(family, model, 1, grid)
-    assert (
-        (kw["hidden_states"].shape[-2:] == latent)
-        if family == "sd3"
-        else kw["hidden_states"].shape[1] == h * w
-    )
+    if family == "sd3":
+        assert kw["hidden_states"].shape[-2:] == latent
+    else:  # pack a (1, 1, H, W) latent and make its ids with FluxPipeline's own helpers
+        x = torch.randn(1, 1, *latent, generator=_seed(2))
+        pack = diffusers.FluxPipeline._pack_latents
+        kw["hidden_states"] = pack(x, 1, 1, *latent)
+        ids = diffusers.FluxPipeline._prepare_latent_image_ids
+        kw["img_ids"] = ids(1, latent[0] // 2, latent[1] // 2, torch.device("cpu"), torch.float32)
     p = patcher_for(model)
     layer = p.layers[0]
     sigma = 3.0

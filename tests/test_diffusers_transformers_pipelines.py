@@ -107,8 +107,8 @@ def cogvideox_pipe() -> Any:
     )  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def pixart_pipe() -> Any:
+@pytest.fixture(scope="module", params=["PixArtAlphaPipeline", "PixArtSigmaPipeline"])
+def pixart_pipe(request: pytest.FixtureRequest) -> Any:
     torch.manual_seed(0)
     transformer = diffusers.PixArtTransformer2DModel(
         sample_size=8, num_layers=3, patch_size=2, attention_head_dim=8, num_attention_heads=2,
@@ -116,7 +116,7 @@ def pixart_pipe() -> Any:
         attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
         norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
     )  # fmt: skip
-    return diffusers.PixArtAlphaPipeline(
+    return getattr(diffusers, request.param)(
         transformer=transformer, scheduler=diffusers.DDIMScheduler(), vae=_vae(4),
         text_encoder=None, tokenizer=None,
     )  # fmt: skip
