@@ -158,6 +158,24 @@ def test_new_rule_tutorial_runs_and_stays_short() -> None:
     assert len(code) <= 30, f"the 'rule in 30 lines' is {len(code)} lines"
 
 
+def test_demo_tutorial_states_the_demo_defaults() -> None:
+    pytest.importorskip("torch", reason="smoothguide.demo needs the demo extra")
+    from smoothguide.demo.guide import DEFAULT_LAYERS
+    from smoothguide.demo.run import DemoSettings
+
+    s = DemoSettings()
+    page = (DOCS / "tutorials" / "demo.md").read_text(encoding="utf-8")
+    stated = (
+        "SEG in the\nofficial convention with scale 1 on all transformer blocks, σ ∈ {1, 2, 5, ∞} "
+        "in the grid\nand {0.5, 1, 2, 5, 10, ∞} in the sweep, PAG at scale 1, CFG at w = 2"
+    )
+    assert stated in page
+    inf = float("inf")
+    assert (s.seg_scale, s.pag_scale, s.cfg_scale, DEFAULT_LAYERS) == (1.0, 1.0, 2.0, "all")
+    assert s.seg_sigmas == (1.0, 2.0, 5.0, inf)
+    assert s.sweep_sigmas == (0.5, 1.0, 2.0, 5.0, 10.0, inf)
+
+
 def test_literalinclude_markers_exist() -> None:
     problems = []
     for page in doc_pages():
