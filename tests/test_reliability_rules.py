@@ -465,3 +465,28 @@ def test_concurrent_sampling_equals_sequential() -> None:
     for k, exp in expected.items():
         assert len(got[k]) == 3
         assert all(g.tobytes() == exp.tobytes() for g in got[k]), k
+
+
+@failure_mode(
+    "float16 / bfloat16 branch outputs of a 4x64x64 latent (std 3: sums of squares overflow "
+    "float16) through CFG, APG (norms, projection, threshold) and CFG + Rescale (std)",
+    "norms and standard deviations accumulated in float32: finite, output in the input dtype, "
+    "within 4 eps(dtype) x max|out| of the float64 result of the same inputs",
+)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "rule",
+    [CFG(7.5), APG(7.5, eta=0.3, norm_threshold=50.0), Compose(CFG(7.5), Rescale(0.7))],
+    ids=["CFG", "APG", "CFG+Rescale"],
+)
+def test_half_precision_rules_vs_float64(dtype: torch.dtype, rule: Any) -> None:
+    gen = torch.Generator().manual_seed(0)
+    c = (torch.randn(2, 4, 64, 64, generator=gen) * 3).to(dtype)
+    u = (torch.randn(2, 4, 64, 64, generator=gen) * 3).to(dtype)
+    if dtype == torch.float16:  # the sum of squares of one sample overflows float16
+        assert not torch.isfinite((c[0].float() ** 2).sum().to(dtype))
+    out, _ = rule.combine({COND: c, UNCOND: u}, CTX)
+    ref, _ = rule.combine({COND: c.double(), UNCOND: u.double()}, CTX)
+    assert out.dtype == dtype
+    assert torch.isfinite(out).all()
+    assert (out.double() - ref).abs().max() <= 4 * torch.finfo(dtype).eps * ref.abs().max()
