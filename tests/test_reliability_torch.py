@@ -844,3 +844,43 @@ def test_fuzz_flux_grid_from_ids(case: tuple[torch.Tensor, int, tuple[int, int] 
         assert flux_grid_from_ids(ids, n) == expected
     with pytest.raises(ValueError, match="img_ids must have shape"):
         flux_grid_from_ids(ids, n + 1)
+
+
+class CroppingNet(Net):
+    """A Net whose attention sees one token fewer than the image has (a grid that cannot fit)."""
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        z = img.flatten(2).transpose(1, 2)[:, 1:] + self.offset
+        for blk in self.blocks:
+            z = z + blk(z)
+        return z
+
+
+@failure_mode(
+    "attention token counts that fit no grid of the input's aspect (one token cropped), and an "
+    "attention batch that is not a multiple of the model batch",
+    "ValueError naming the layer and the token count / RuntimeError naming the layer and both "
+    "batch sizes; no square guessed; model restored",
+)
+def test_tokens_that_fit_no_grid_are_named() -> None:
+    torch.manual_seed(0)
+    net = CroppingNet().eval()
+    before = snapshot(net)
+    with (
+        pytest.raises(ValueError, match=r"attention layer 'blocks\.0'.*23 tokens"),
+        AttentionPatcher(net, layers=Attn).perturb(QuerySmoothing(1.0), rows=[0]),
+    ):
+        net(image(3, 4, 6))
+    assert_restored(net, before)
+    net = make_net()
+
+    def wrong_batch(args: Any, kwargs: Any) -> Geometry:
+        return Geometry(batch=2, height=4, width=6)
+
+    patcher = AttentionPatcher(net, layers=Attn, geometry=wrong_batch)
+    with (
+        pytest.raises(RuntimeError, match=r"'blocks\.0'.*not a multiple of the model batch 2"),
+        patcher.perturb(QuerySmoothing(1.0), rows=[0]),
+    ):
+        net(image(3, 4, 6))
+    assert hooks(net) == 0
