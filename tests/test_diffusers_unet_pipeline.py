@@ -301,3 +301,72 @@ def test_img2img_progress_counts_the_steps_it_runs() -> None:
     with UNetBatches(i2i) as seen:
         call(GuidedPipeline(i2i, rule), steps=4, image=torch.rand(1, 3, H, W), strength=0.5)
     assert seen.batches == [1, 2]
+
+
+class SequentialPipe:
+    """Calls its UNet once per conditioning (cond, then uncond), like Flux's true CFG."""
+
+    def __init__(self, unet: Any, uncond_first: bool = False) -> None:
+        self.unet = unet
+        self.uncond_first = uncond_first
+        self.scheduler = diffusers.EulerDiscreteScheduler(steps_offset=1)
+
+    def __call__(
+        self, latents: Any, cond: Any, uncond: Any, steps: int, true_cfg_scale: float
+    ) -> Any:
+        self.scheduler.set_timesteps(steps)
+        self._num_timesteps = steps
+        latents = latents * self.scheduler.init_noise_sigma
+        for t in self.scheduler.timesteps:
+            x = self.scheduler.scale_model_input(latents, t)
+            if self.uncond_first:
+                neg = self.unet(x, t, encoder_hidden_states=uncond).sample
+            noise = self.unet(x, t, encoder_hidden_states=cond).sample
+            if not self.uncond_first:
+                neg = self.unet(x, t, encoder_hidden_states=uncond).sample
+            noise = neg + true_cfg_scale * (noise - neg)
+            latents = self.scheduler.step(noise, t, latents).prev_sample
+        return latents
+
+
+@pytest.mark.parametrize("uncond_first", [False, True])
+def test_sequential_pipeline_gets_the_rule_exactly(uncond_first: bool) -> None:
+    """Two denoiser calls per step (cond+SEG batched, then uncond) still give the rule's value."""
+    from smoothguide import QuerySmoothing
+    from smoothguide.diffusers import PipelineAdapter, patcher_for
+
+    pipe = SequentialPipe(
+        _unet(xl=False).double(), uncond_first
+    )  # float64: compare to 1e-10, not rounding
+    adapter = PipelineAdapter(
+        "sequential-test",
+        matches=lambda p: isinstance(p, SequentialPipe),
+        sequential=("uncond", "cond") if uncond_first else ("cond", "uncond"),
+        call_kwargs=lambda p: {"true_cfg_scale": 2.0},
+    )
+    gen = torch.Generator().manual_seed(3)
+    latents = torch.randn(1, 4, 8, 12, generator=gen, dtype=torch.float64)
+    cond, uncond = torch.randn(2, 1, 5, 16, generator=gen, dtype=torch.float64).unbind(0)
+    rule = SEG(3.0, sigma=2.0, cfg_scale=5.0)
+    with UNetBatches(pipe) as seen:
+        out = GuidedPipeline(pipe, rule, adapter=adapter)(latents, cond, uncond, steps=2)
+    per_step = [1, 2] if uncond_first else [2, 1]  # [uncond] and [cond, cond_seg]
+    assert seen.batches == per_step * 2
+    assert no_hooks(pipe.unet)
+
+    # By hand: the three predictions separately, the official SEG + CFG formula, Euler steps.
+    patcher = patcher_for(pipe.unet)
+    scheduler = diffusers.EulerDiscreteScheduler(steps_offset=1)
+    scheduler.set_timesteps(2)
+    x = latents * scheduler.init_noise_sigma
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            inp = scheduler.scale_model_input(x, t)
+            c = pipe.unet(inp, t, encoder_hidden_states=cond).sample
+            u = pipe.unet(inp, t, encoder_hidden_states=uncond).sample
+            with patcher.perturb(QuerySmoothing(2.0), rows=[0]):
+                s = pipe.unet(inp, t, encoder_hidden_states=cond).sample
+            x = scheduler.step(u + 5.0 * (c - u) + 3.0 * (c - s), t, x).prev_sample
+    torch.testing.assert_close(out, x, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="sequential must be"):
+        PipelineAdapter("bad", matches=lambda p: False, sequential=("cond",))

@@ -122,6 +122,17 @@ class PipelineAdapter:
         not pass these keys.
     sigma
         ``(pipe, timestep) -> σ`` for the rule's :class:`~smoothguide.rules.StepContext`.
+    sequential
+        ``None`` (default): one denoiser call per step with the ``incoming``
+        chunks batched. ``("cond", "uncond")`` or ``("uncond", "cond")``: the
+        pipeline makes one denoiser call per conditioning, in this order, every
+        step (Flux's true CFG, Wan) and combines them as ``u + s (c − u)`` with
+        ``s = pipeline_scale`` forced by ``call_kwargs``. Each call then runs the
+        rule's branches of its conditioning, batched; the last call of a step
+        returns the value that makes the pipeline's combination equal
+        ``rule.combine`` of all of them.
+    pipeline_scale
+        The ``s`` that ``call_kwargs`` forces in sequential mode (default 2).
 
     Examples
     --------
@@ -143,6 +154,20 @@ class PipelineAdapter:
     incoming: Callable[[Any], tuple[str, ...]] = _cfg_layout
     call_kwargs: Callable[[Any], dict[str, Any]] = _force_cfg
     sigma: Callable[[Any, Any], float] = scheduler_sigma
+    sequential: tuple[str, ...] | None = None
+    pipeline_scale: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.sequential is not None and tuple(self.sequential) not in (
+            ("cond", "uncond"),
+            ("uncond", "cond"),
+        ):
+            raise ValueError(
+                "sequential must be None, ('cond', 'uncond') or ('uncond', 'cond'), got "
+                f"{self.sequential!r}"
+            )
+        if not (isinstance(self.pipeline_scale, int | float) and self.pipeline_scale > 1):
+            raise ValueError(f"pipeline_scale must be a number > 1, got {self.pipeline_scale!r}")
 
 
 _ADAPTERS: list[PipelineAdapter] = []
@@ -237,11 +262,24 @@ def _map_rows(value: Any, batch: int, index: torch.Tensor) -> Any:
 
 @dataclass
 class _Step:
+    """One denoiser call: the branches it runs, stacked in chunks of ``chunk`` rows."""
+
     order: list[Branch]
     chunk: int
     incoming: int
     ctx: StepContext
     stack: ExitStack = field(default_factory=ExitStack)
+    position: int | None = None  # index of the call within a sequential step
+
+
+@dataclass
+class _SequentialStep:
+    """A step of a pipeline that calls the denoiser once per conditioning."""
+
+    ctx: StepContext
+    needed: list[Branch]
+    outputs: dict[Branch, Any] = field(default_factory=dict)
+    first: Any = None  # what the step's first call returned to the pipeline
 
 
 class GuidedPipeline:
@@ -314,6 +352,8 @@ class GuidedPipeline:
         self._steps: list[_Step] = []
         self._calls = 0
         self._state: Any = None
+        self._positions = 0
+        self._sequential: _SequentialStep | None = None
 
     def __repr__(self) -> str:
         return f"GuidedPipeline({type(self.pipe).__name__}, {self.rule!r})"
@@ -336,6 +376,8 @@ class GuidedPipeline:
         self._calls = 0
         self._state = self.rule.init_state()
         self._steps = []
+        self._positions = 0
+        self._sequential = None
         with ExitStack() as stack:
             pre = self.denoiser.register_forward_pre_hook(self._pre, with_kwargs=True)
             stack.callback(pre.remove)
@@ -371,17 +413,22 @@ class GuidedPipeline:
             raise TypeError(
                 f"GuidedPipeline: pipe.{self.adapter.denoiser} was called without a latent tensor"
             )
-        incoming = self.adapter.incoming(self.pipe)
         batch = sample.shape[0]
+        position = None
+        if self.adapter.sequential is not None:
+            order, ctx, position = self._sequential_branches(timestep)
+            incoming: tuple[str, ...] = (self.adapter.sequential[position],)
+        else:
+            incoming = self.adapter.incoming(self.pipe)
+            ctx = self._context(timestep)
+            self._calls += 1
+            order = _batch_order(self.rule.branches(ctx))
         if batch % len(incoming):
             raise RuntimeError(
                 f"denoiser batch {batch} does not split into the chunks {incoming} the pipeline "
                 "should pass"
             )
         chunk = batch // len(incoming)
-        ctx = self._context(timestep)
-        self._calls += 1
-        order = _batch_order(self.rule.branches(ctx))
         rows: list[int] = []
         for b in order:
             if b.conditioning not in incoming:
@@ -393,7 +440,7 @@ class GuidedPipeline:
             start = incoming.index(b.conditioning) * chunk
             rows.extend(range(start, start + chunk))
         index = torch.tensor(rows, device=sample.device)
-        step = _Step(order, chunk, batch, ctx)
+        step = _Step(order, chunk, batch, ctx, position=position)
         self._steps.append(step)
         for j, b in enumerate(order):
             if b.perturbation is not None:
@@ -411,9 +458,65 @@ class GuidedPipeline:
         sample = output[0] if isinstance(output, tuple) else output.sample
         chunk = step.chunk
         outputs = {b: sample[j * chunk : (j + 1) * chunk] for j, b in enumerate(step.order)}
-        guided, self._state = self.rule.combine(outputs, step.ctx, self._state)
-        copies = step.incoming // chunk
-        full = guided if copies == 1 else torch.cat([guided] * copies, dim=0)
+        if step.position is not None:
+            full = self._sequential_result(step.position, outputs)
+        else:
+            guided, self._state = self.rule.combine(outputs, step.ctx, self._state)
+            copies = step.incoming // chunk
+            full = guided if copies == 1 else torch.cat([guided] * copies, dim=0)
         if isinstance(output, tuple):
             return (full, *output[1:])
         return type(output)(sample=full)
+
+    # -- pipelines that call the denoiser once per conditioning ---------------------------------
+
+    def _sequential_branches(self, timestep: Any) -> tuple[list[Branch], StepContext, int]:
+        seq = self.adapter.sequential
+        assert seq is not None
+        position = self._positions % len(seq)
+        self._positions += 1
+        if position == 0:
+            ctx = self._context(timestep)
+            self._calls += 1
+            needed = _batch_order(self.rule.branches(ctx))
+            foreign = sorted({b.conditioning for b in needed} - set(seq))
+            if foreign:
+                raise RuntimeError(
+                    f"the rule needs {foreign} branches but the pipeline runs only {seq}"
+                )
+            self._sequential = _SequentialStep(ctx, needed)
+        current = self._sequential
+        if current is None:
+            raise RuntimeError("sequential pipeline call out of order: no step in progress")
+        conditioning = seq[position]
+        order = [b for b in current.needed if b.conditioning == conditioning]
+        if not order:
+            # The pipeline calls the denoiser for this conditioning anyway; run its plain branch.
+            order = [Branch(conditioning)]  # type: ignore[arg-type]
+        return order, current.ctx, position
+
+    def _sequential_result(self, position: int, outputs: dict[Branch, Any]) -> Any:
+        current = self._sequential
+        seq = self.adapter.sequential
+        assert current is not None
+        assert seq is not None
+        current.outputs.update(outputs)
+        conditioning = seq[position]
+        if position < len(seq) - 1:
+            plain = Branch(conditioning)  # type: ignore[arg-type]
+            current.first = outputs.get(plain, next(iter(outputs.values())))
+            return current.first
+        needed = {b: current.outputs[b] for b in current.needed}
+        guided, self._state = self.rule.combine(needed, current.ctx, self._state)
+        self._sequential = None
+        s = float(self.adapter.pipeline_scale)
+        # 16-bit outputs are solved in float32; float32/float64 in their own precision.
+        work = torch.promote_types(guided.dtype, torch.float32)
+        first = current.first.to(work)
+        target = guided.to(work)
+        # The pipeline computes u + s (c - u) from what the two calls returned.
+        if conditioning == "uncond":  # cond came first: solve for u
+            value = (s * first - target) / (s - 1.0)
+        else:  # uncond came first: solve for c
+            value = first + (target - first) / s
+        return value.to(guided.dtype)
