@@ -33,6 +33,7 @@ Presets (blocks split in thirds by depth): ``"mid"`` (default), ``"early"``,
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -106,7 +107,10 @@ def ltx_geometry(model: torch.nn.Module) -> GeometryFn:
         call = bind_call(model, args, kwargs)
         x = latent_tensor(model, call, "hidden_states", 3)
         sizes = [call.get(k) for k in ("num_frames", "height", "width")]
-        if not all(isinstance(s, int) and s >= 1 for s in sizes):
+        if not all(
+            isinstance(s, numbers.Integral) and not isinstance(s, bool) and int(s) >= 1
+            for s in sizes
+        ):
             raise ValueError(
                 "LTXVideoTransformer3DModel must be called with num_frames, height and width "
                 f"(ints) to find its token grid, got {sizes}"
