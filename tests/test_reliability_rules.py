@@ -490,3 +490,91 @@ def test_half_precision_rules_vs_float64(dtype: torch.dtype, rule: Any) -> None:
     assert out.dtype == dtype
     assert torch.isfinite(out).all()
     assert (out.double() - ref).abs().max() <= 4 * torch.finfo(dtype).eps * ref.abs().max()
+
+
+# -- batching the branches' keyword arguments --------------------------------------------------
+
+
+def _leaves(v: Any) -> Iterator[Any]:
+    if isinstance(v, dict):
+        for k in sorted(v):
+            yield from _leaves(v[k])
+    else:
+        yield v
+
+
+def kwarg_model(x: np.ndarray, sigma: Any, **kw: Any) -> np.ndarray:
+    """A denoiser whose every output row depends on every keyword argument's row (or constant)."""
+    b = x.shape[0]
+    s = np.zeros(b)
+    for v in _leaves(kw):
+        if isinstance(v, np.ndarray):
+            s = s + np.broadcast_to(v.reshape(v.shape[0], -1).sum(1), (b,))
+        else:
+            s = s + float(v)
+    return x / 2 + s[:, None]
+
+
+@st.composite
+def kwarg_values(draw: st.DrawFn, batch: int, depth: int = 0) -> Any:
+    kind = draw(st.sampled_from(["rows", "one-row", "wide", "constant", "other-batch", "nested"]))
+    seed = draw(st.integers(0, 2**16))
+    rng = np.random.default_rng(seed)
+    if kind == "rows":
+        return rng.normal(size=(batch,))
+    if kind == "one-row":
+        return rng.normal(size=(1,))
+    if kind == "wide":
+        return rng.normal(size=(batch, 2))
+    if kind == "constant":
+        return draw(st.sampled_from([0, 1, 2.5]))
+    if kind == "other-batch":
+        return rng.normal(size=(batch + 1,))
+    if depth >= 1:
+        return rng.normal(size=(batch,))
+    return {"inner": draw(kwarg_values(batch, depth + 1))}
+
+
+@failure_mode(
+    "hypothesis: conditional and unconditional keyword arguments of every shape: per-row "
+    "arrays, leading axis 1 (broadcast), wider arrays, equal and different constants, nested "
+    "mappings, a wrong batch size",
+    "the batched call ([uncond, cond] in one forward) equals one call per branch to 1e-12, or "
+    "a ValueError naming the keyword argument and suggesting batched=False",
+)
+@FUZZ
+@given(data=st.data(), batch=st.integers(1, 3))
+def test_fuzz_batched_keyword_arguments_equal_unbatched(data: st.DataObject, batch: int) -> None:
+    keys = data.draw(st.lists(st.sampled_from(["a", "b", "c"]), min_size=1, unique=True))
+    cond = {k: data.draw(kwarg_values(batch), label=f"cond[{k}]") for k in keys}
+    uncond = {k: data.draw(kwarg_values(1), label=f"uncond[{k}]") for k in keys}
+    x = np.random.default_rng(0).normal(size=(batch, 3))
+    batched = GuidedDenoiser(kwarg_model, CFG(3.0), uncond=uncond)
+    try:
+        together = batched(x, 1.0, **cond)
+    except ValueError as exc:
+        message = str(exc)
+        assert any(f"'{k}'" in message for k in keys), message
+        assert "batched=False" in message
+        return
+    alone = GuidedDenoiser(kwarg_model, CFG(3.0), uncond=uncond, batched=False)(x, 1.0, **cond)
+    np.testing.assert_allclose(together, alone, rtol=1e-12, atol=1e-12)
+
+
+@failure_mode(
+    "unconditional prompt embeddings of another sequence length than the conditional ones "
+    "(torch, (1, 77, 8) vs (2, 154, 8): a long prompt)",
+    "ValueError naming the keyword argument and both shapes, suggesting batched=False; the "
+    "unbatched denoiser runs",
+)
+def test_branch_embeddings_of_different_lengths_are_named() -> None:
+    def model(x: torch.Tensor, sigma: Any, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        return x / 2 + encoder_hidden_states.mean(dim=(1, 2))[:, None]
+
+    uncond = {"encoder_hidden_states": torch.zeros(1, 77, 8)}
+    cond = {"encoder_hidden_states": torch.ones(2, 154, 8)}
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=r"'encoder_hidden_states'.*batched=False"):
+        GuidedDenoiser(model, CFG(3.0), uncond=uncond)(x, 1.0, **cond)
+    out = GuidedDenoiser(model, CFG(3.0), uncond=uncond, batched=False)(x, 1.0, **cond)
+    torch.testing.assert_close(out, torch.full((2, 3), 3.0))  # 0 + 3 * (1 - 0)
