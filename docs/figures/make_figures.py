@@ -21,7 +21,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 #: The figure scripts (modules in docs/figures/), in the order they run.
-SCRIPTS = ("kernels", "query_blur", "logit_landscape", "energy_curve", "curvature_regime")
+SCRIPTS = (
+    "kernels",
+    "query_blur",
+    "logit_landscape",
+    "energy_curve",
+    "curvature_regime",
+    "infinite_sigma",
+)
 
 
 def outputs() -> dict[str, str]:
