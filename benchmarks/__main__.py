@@ -117,24 +117,29 @@ def main(argv: Sequence[str] | None = None) -> Path:
         )
     t0 = time.perf_counter()
     smoothing = step = memory = scaling = None
+    t = time.perf_counter()
     if "smoothing" in args.only:
         from .smoothing import run_smoothing
 
         smoothing = run_smoothing(config, progress=progress)
+        info.section_s["smoothing"], t = time.perf_counter() - t, time.perf_counter()
     if "step" in args.only:
         from .guided_step import run_guided_step
 
         step = run_guided_step(config, progress=progress)
+        info.section_s["step"], t = time.perf_counter() - t, time.perf_counter()
     if "memory" in args.only:
         from .memory import plot_memory, run_memory
 
         memory = run_memory(config, progress=progress)
         info.figures["memory"] = plot_memory(memory, figures / "memory.png")
+        info.section_s["memory"], t = time.perf_counter() - t, time.perf_counter()
     if "scaling" in args.only:
         from .scaling import plot_scaling, run_scaling
 
         scaling = run_scaling(config, progress=progress)
         info.figures["scaling"] = plot_scaling(scaling, figures / "scaling.png")
+        info.section_s["scaling"] = time.perf_counter() - t
     info.wall_s = time.perf_counter() - t0
     info.load_end = load_average()
     if info.load_end is not None and info.load_end[0] > 0.75 * cores and not info.notes:

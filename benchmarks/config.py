@@ -29,7 +29,9 @@ class Config:
     min_repeat
         Fewest timed repeats of a measurement.
     step_batch
-        Images per branch in the guided-step benchmark (demo model, tiny UNet).
+        Images per branch for the demo model in the guided-step benchmark.
+    unet_batch
+        Latents per branch for the tiny UNet in the guided-step benchmark.
     step_repeat
         Timed repeats of one guided step.
     step_warmup
@@ -55,6 +57,7 @@ class Config:
     budget_s: float
     min_repeat: int
     step_batch: int
+    unet_batch: int
     step_repeat: int
     step_warmup: int = 2
     demo_config: dict[str, int] = field(default_factory=dict)
@@ -114,10 +117,11 @@ QUICK = Config(
     name="quick",
     shapes=SDXL_SHAPES,
     sigmas=SIGMAS,
-    repeat=7,
-    budget_s=2.5,
+    repeat=5,
+    budget_s=1.0,
     min_repeat=3,
     step_batch=16,
+    unet_batch=4,
     step_repeat=7,
     unet_config=TINY_UNET,
     unet_latent=32,
@@ -134,6 +138,7 @@ FULL = Config(
     budget_s=15.0,
     min_repeat=5,
     step_batch=32,
+    unet_batch=8,
     step_repeat=21,
     unet_config=TINY_UNET,
     unet_latent=64,
@@ -151,6 +156,7 @@ TINY = Config(
     budget_s=0.5,
     min_repeat=1,
     step_batch=2,
+    unet_batch=2,
     step_repeat=1,
     step_warmup=0,
     demo_config={"hidden": 16, "depth": 3, "heads": 2},

@@ -13,7 +13,10 @@ Variants, each one Euler step ``x + (x - D(x, s)) / s * (s_next - s)``:
 (b) CFG: ``[uncond, cond]`` batched, ``2B`` rows;
 (c) CFG + SEG batched: ``[uncond, cond, cond_blurred]``, ``3B`` rows, one forward;
 (d) CFG + SEG as three separate forwards of ``B`` rows;
-(e) SEG alone, unconditional: ``[x, x_blurred]``, ``2B`` rows.
+(e) SEG alone, unconditional: ``[x, x_blurred]``, ``2B`` rows;
+(r2), (r3) references: the plain model on ``2B`` / ``3B`` rows (no guidance code),
+so ``(c) / (r3)`` and ``(e) / (r2)`` isolate the cost of the SEG machinery
+(hooks, row selection, the blur) from how the model's time grows with the batch.
 
 Forward counts (model calls, rows, blurred rows) are recorded for these and
 for neutral settings (CFG scale 1, SEG scale 0, SEG sigma 0), which must
@@ -197,7 +200,7 @@ def unet_bench(config: Config) -> ModelBench:
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**config.unet_config).eval()  # type: ignore[arg-type]
-    b, n = config.step_batch, config.unet_latent
+    b, n = config.unet_batch, config.unet_latent
     ctx_dim = int(config.unet_config["cross_attention_dim"])  # type: ignore[call-overload]
     mid = unet_presets(unet)["mid"]
     channels = config.unet_config["block_out_channels"]
@@ -242,7 +245,23 @@ def _variants(mb: ModelBench) -> list[tuple[str, str, Callable[..., Any], dict[s
             guided(SEG(SEG_SCALE, sigma=SEG_SIGMA)),
             mb.uncond_full,
         ),
+        ("r2", "(r2) reference: plain model, 2B rows", _stacked(mb, 2), _stacked_cond(mb, 2)),
+        ("r3", "(r3) reference: plain model, 3B rows", _stacked(mb, 3), _stacked_cond(mb, 3)),
     ]
+
+
+def _stacked(mb: ModelBench, k: int) -> Callable[..., Any]:
+    """The plain model on ``k`` stacked copies of the batch; returns the first copy's output."""
+    b = int(mb.x.shape[0])
+
+    def den(x: Any, sigma: Any, **cond: Any) -> Any:
+        return mb.model(torch.cat([x] * k), sigma, **cond)[:b]
+
+    return den
+
+
+def _stacked_cond(mb: ModelBench, k: int) -> dict[str, Any]:
+    return {key: torch.cat([v] * k) for key, v in mb.cond.items()}
 
 
 def _neutral(mb: ModelBench) -> list[tuple[str, str, Callable[..., Any], dict[str, Any]]]:

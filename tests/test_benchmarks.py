@@ -120,23 +120,25 @@ def test_smoothing_section_runs_every_method_and_methods_agree() -> None:
 def test_guided_step_forward_counts_follow_the_rules() -> None:
     res = run_guided_step(TINY, progress=False)
     assert set(res.models) == {"demo DiT", "tiny UNet"}
-    b = TINY.step_batch
-    expected = {  # variant: (calls, rows, blurred rows)
-        "a": (1, b, 0),
-        "b": (1, 2 * b, 0),
-        "c": (1, 3 * b, b),
-        "d": (3, 3 * b, b),
-        "e": (1, 2 * b, b),
-        "n1": (1, b, 0),
-        "n2": (1, 2 * b, 0),
-        "n3": (1, 2 * b, 0),
-        "n4": (1, b, 0),
-        "n5": (1, 2 * b, b),
+    expected = {  # variant: (calls, rows, blurred rows) in units of the batch
+        "a": (1, 1, 0),
+        "b": (1, 2, 0),
+        "c": (1, 3, 1),
+        "d": (3, 3, 1),
+        "e": (1, 2, 1),
+        "r2": (1, 2, 0),
+        "r3": (1, 3, 0),
+        "n1": (1, 1, 0),
+        "n2": (1, 2, 0),
+        "n3": (1, 2, 0),
+        "n4": (1, 1, 0),
+        "n5": (1, 2, 1),
     }
-    got = [r for r in res.timed + res.neutral]
+    got = res.timed + res.neutral
     assert len(got) == 2 * len(expected)
     for r in got:
-        assert (r.calls, r.rows, r.blurred_rows) == expected[r.variant], r
+        calls, rows, blurred = expected[r.variant]
+        assert (r.calls, r.rows, r.blurred_rows) == (calls, rows * r.batch, blurred * r.batch), r
     assert all(r.timing is not None and r.timing.n >= 1 for r in res.timed)
 
 
