@@ -18,6 +18,7 @@ diffusers = pytest.importorskip("diffusers")
 
 import smoothguide.diffusers.transformers  # noqa: E402,F401  (registers families and adapters)
 from smoothguide.diffusers import GuidedPipeline, patcher_for  # noqa: E402
+from smoothguide.diffusers.transformers import FLUX_TRUE_CFG  # noqa: E402
 from smoothguide.rules import CFG, PAG, SEG, Compose  # noqa: E402
 
 STEPS = 2
@@ -85,6 +86,24 @@ def ltx_pipe() -> Any:
     return diffusers.LTXPipeline(
         transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=vae,
         text_encoder=None, tokenizer=None,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def wan_pipe() -> Any:
+    torch.manual_seed(0)
+    transformer = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=16,
+        out_channels=16, text_dim=16, freq_dim=16, ffn_dim=16, num_layers=3,
+        cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+    )  # fmt: skip
+    vae = diffusers.AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+    )  # fmt: skip
+    return diffusers.WanPipeline(
+        tokenizer=None, text_encoder=None, transformer=transformer, vae=vae,
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=7.0),
     )  # fmt: skip
 
 
@@ -235,6 +254,47 @@ def test_flux_refuses_rules_that_need_an_unconditional_branch(flux_pipe: Any) ->
     with pytest.raises(TypeError, match="true_cfg_scale"):
         guided(**flux_kwargs(), height=8, width=8, true_cfg_scale=4.0)
     assert _hooks(flux_pipe.transformer) == before
+
+
+def test_flux_true_cfg_runs_cfg_rules_one_call_per_conditioning(flux_pipe: Any) -> None:
+    g = torch.Generator().manual_seed(2)
+    neg = dict(
+        negative_prompt_embeds=torch.randn(1, 7, 32, generator=g),
+        negative_pooled_prompt_embeds=torch.randn(1, 32, generator=g),
+    )  # fmt: skip
+    size = dict(height=12, width=20)
+    plain = flux_pipe(**flux_kwargs(), **neg, **size, true_cfg_scale=4.0, generator=_gen()).images
+    cfg = GuidedPipeline(flux_pipe, CFG(4.0), adapter=FLUX_TRUE_CFG)
+    np.testing.assert_allclose(
+        cfg(**flux_kwargs(), **neg, **size, generator=_gen()).images, plain, atol=1e-5
+    )
+    rule = SEG(3.0, sigma=math.inf, cfg_scale=4.0, layers=("double", "single"))
+    with count_batches(flux_pipe.transformer) as seen:
+        guided = GuidedPipeline(flux_pipe, rule, adapter=FLUX_TRUE_CFG)
+        image = guided(**flux_kwargs(), **neg, **size, generator=_gen()).images
+    assert seen == [2, 1] * STEPS  # [cond, cond_seg] then [uncond]
+    assert image.shape == (1, 12, 20, 3)
+    assert np.isfinite(image).all()
+    assert np.abs(image - plain).max() > 1e-3
+
+
+def test_wan_cfg_seg_one_call_per_conditioning(wan_pipe: Any) -> None:
+    g = torch.Generator().manual_seed(1)
+    pe = torch.randn(1, 6, 16, generator=g)
+    kw = dict(
+        prompt_embeds=pe, negative_prompt_embeds=0 * pe, height=16, width=32, num_frames=5,
+        num_inference_steps=STEPS, output_type="np",
+    )  # fmt: skip
+    plain = wan_pipe(**kw, guidance_scale=4.0, generator=_gen()).frames
+    cfg = GuidedPipeline(wan_pipe, CFG(4.0))(**kw, generator=_gen()).frames
+    np.testing.assert_allclose(cfg, plain, atol=1e-5)
+    rule = SEG(3.0, sigma=(1.0, math.inf, math.inf), cfg_scale=4.0, layers="all")
+    with count_batches(wan_pipe.transformer) as seen:
+        video = GuidedPipeline(wan_pipe, rule)(**kw, generator=_gen()).frames
+    assert seen == [2, 1] * STEPS
+    assert video.shape == (1, 5, 16, 32, 3)
+    assert np.isfinite(video).all()
+    assert np.abs(video - plain).max() > 1e-3
 
 
 def test_ltx_video_cfg_seg_with_temporal_blur(ltx_pipe: Any) -> None:

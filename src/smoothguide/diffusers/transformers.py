@@ -9,21 +9,30 @@ pipeline adapters with
 
 Pipelines and what the wrapper needs from them:
 
-``StableDiffusion3Pipeline``, ``PixArtAlphaPipeline``, ``PixArtSigmaPipeline``, ``LTXPipeline``, ``CogVideoXPipeline``
+``StableDiffusion3Pipeline``, ``PixArtAlpha/SigmaPipeline``, ``LTXPipeline``, ``CogVideoXPipeline``
     batch ``[uncond; cond]`` in one transformer call when ``guidance_scale > 1``:
     the wrapper forces CFG mode, so every rule works (CFG + SEG, SEG alone,
     PAG, ...), all branches in one transformer call per step. (CogVideoX's
     ``use_dynamic_cfg`` has no effect under the wrapper: CFG belongs to the rule;
     use a schedule there.)
-``FluxPipeline``
+``FluxPipeline`` (default adapter :data:`FLUX_PIPELINE`)
     FLUX.1 dev / schnell are guidance-distilled: one conditional call per step,
     ``guidance_scale`` is an *input* of the model (the distilled CFG strength)
     and is left to the user. There is no unconditional branch, so rules that
     need ``"uncond"`` are refused; SEG works as a negative branch of the
     (already guided) conditional prediction, ``x + s (x − x̃)``
     (``SEG(s, sigma=...)``; likewise PAG). The pipeline's "true CFG"
-    (``true_cfg_scale``), which calls the transformer twice per step, is
-    switched off while the wrapper runs.
+    (``true_cfg_scale``) is switched off.
+``FluxPipeline`` with ``adapter=FLUX_TRUE_CFG``
+    true CFG with a negative prompt (needed for CFG rules, e.g. on de-distilled
+    Flux checkpoints): the pipeline calls the transformer for the prompt, then
+    for the negative prompt; each call runs the rule's branches of its
+    conditioning batched (:class:`~smoothguide.diffusers.pipeline.PipelineAdapter`
+    ``sequential=("cond", "uncond")``). Pass ``negative_prompt`` or negative
+    embeddings, or the pipeline makes one call per step and the calls misalign.
+``WanPipeline`` (Wan 2.1, single-transformer Wan 2.2)
+    the same two-call pattern with ``guidance_scale`` forced; pipelines with a
+    second transformer (``boundary_ratio``) are not matched.
 """
 
 from __future__ import annotations
@@ -52,10 +61,12 @@ __all__ = [
     "DIT",
     "FLUX",
     "FLUX_PIPELINE",
+    "FLUX_TRUE_CFG",
     "LTX_VIDEO",
     "SD3",
     "TRANSFORMER_CFG_PIPELINES",
     "WAN",
+    "WAN_PIPELINE",
     "VideoTokens",
     "cogvideox_geometry",
     "dit_geometry",
@@ -112,5 +123,39 @@ FLUX_PIPELINE = register_pipeline_adapter(
         incoming=lambda pipe: ("cond",),
         call_kwargs=lambda pipe: {"true_cfg_scale": 1.0},
         sigma=_flux_sigma,
+    )
+)
+
+#: ``FluxPipeline`` with true CFG: one call per conditioning (prompt, then negative prompt).
+#: Not registered (the distilled default is :data:`FLUX_PIPELINE`); pass it as
+#: ``GuidedPipeline(pipe, rule, adapter=FLUX_TRUE_CFG)`` together with a negative prompt.
+FLUX_TRUE_CFG = PipelineAdapter(
+    "flux-true-cfg",
+    matches=lambda pipe: isinstance(pipe, diffusers.FluxPipeline),
+    denoiser="transformer",
+    call_kwargs=lambda pipe: {"true_cfg_scale": 2.0},
+    sigma=_flux_sigma,
+    sequential=("cond", "uncond"),
+    pipeline_scale=2.0,
+)
+
+
+def _is_single_wan(pipe: Any) -> bool:
+    return (
+        isinstance(pipe, diffusers.WanPipeline)
+        and getattr(pipe, "transformer_2", None) is None
+        and getattr(getattr(pipe, "config", None), "boundary_ratio", None) is None
+    )
+
+
+#: ``WanPipeline`` without a second transformer: one call per conditioning (cond, then uncond).
+WAN_PIPELINE = register_pipeline_adapter(
+    PipelineAdapter(
+        "wan",
+        matches=_is_single_wan,
+        denoiser="transformer",
+        call_kwargs=lambda pipe: {"guidance_scale": 2.0},
+        sequential=("cond", "uncond"),
+        pipeline_scale=2.0,
     )
 )
