@@ -358,10 +358,15 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
 
 # ------------------------------------------------------ reference processors (hand-written)
 class RefJoint:
-    """SD3's JointAttnProcessor2_0 math; image tokens first, text after."""
+    """SD3's JointAttnProcessor2_0 math; image tokens first, text after.
 
-    def __init__(self, edit: Callable[[torch.Tensor, int], torch.Tensor]) -> None:
-        self.edit = edit
+    The edit runs after the QK RMS-norm (default) or, with ``before_norm``, before it.
+    """
+
+    def __init__(
+        self, edit: Callable[[torch.Tensor, int], torch.Tensor], before_norm: bool = False
+    ) -> None:
+        self.edit, self.before_norm = edit, before_norm
 
     def __call__(
         self,
@@ -377,9 +382,12 @@ class RefJoint:
             return x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
 
         q, k, v = (heads(f(hidden_states)) for f in (attn.to_q, attn.to_k, attn.to_v))
+        if self.before_norm:
+            q = self.edit(q, 0)
         if attn.norm_q is not None:
             q, k = attn.norm_q(q), attn.norm_k(k)
-        q = self.edit(q, 0)
+        if not self.before_norm:
+            q = self.edit(q, 0)
         n = q.shape[2]
         e = encoder_hidden_states
         if e is not None:
@@ -535,12 +543,15 @@ def reference_model(
     n_img: int,
     before_rope: bool = False,
 ) -> torch.nn.Module:
-    """A copy of ``model`` whose ``layers`` run the hand-written reference processors."""
+    """A copy of ``model`` whose ``layers`` run the hand-written reference processors.
+
+    ``before_rope``: the edit acts before RoPE (Flux, LTX) or before the QK-norm (SD3).
+    """
     ref = copy.deepcopy(model)
     modules = dict(ref.named_modules())
     for name in layers:
         if family == "sd3":
-            proc: Any = RefJoint(edit)
+            proc: Any = RefJoint(edit, before_norm=before_rope)
         elif family == "flux":
             proc = RefFlux(edit, n_img, before_rope)
         elif family in ("pixart", "dit"):
@@ -717,9 +728,12 @@ def test_sigma_inf_equals_mean_query_reference(
     assert_differs(seg[1], plain[1], err)  # the perturbation really acts
 
 
-@pytest.mark.parametrize("family", ["flux", "ltx"])
+@pytest.mark.parametrize("family", ["flux", "ltx", "sd3"])
 def test_blur_acts_after_rope_not_before(models: dict[str, torch.nn.Module], family: str) -> None:
-    """Prop. 3.1 needs the query of the logits: the blur must follow QK-norm and RoPE."""
+    """Prop. 3.1 needs the query of the logits: the blur must follow QK-norm and RoPE.
+
+    Flux / LTX: a blur before RoPE differs; SD3.5 (QK RMS-norm, no RoPE): one before the norm.
+    """
     model = models[family]
     size = SIZES[family]
     kw = inputs(family, model, 2, size)
