@@ -27,7 +27,7 @@ DOC = ROOT / "docs" / "reliability.md"
 BEGIN = "<!-- BEGIN GENERATED TABLE (python tests/reliability_table.py) -->"
 END = "<!-- END GENERATED TABLE -->"
 LAYERS = {
-    "core": "Core (grid, smoothing, energy)",
+    "core": "Core (grid, smoothing, energy) and the command line",
     "rules": "Rules and samplers",
     "torch": "Torch adapter and diffusers models",
     "demo": "Embedded demo model and weights",

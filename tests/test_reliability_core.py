@@ -11,6 +11,7 @@ import math
 import threading
 import warnings
 
+import array_api_strict as xps
 import numpy as np
 import pytest
 import torch
@@ -34,7 +35,7 @@ from smoothguide import (
 from smoothguide.rules import SEG
 from smoothguide.smoothing import MODES
 
-FUZZ = settings(max_examples=30, deadline=5000)
+FUZZ = settings(max_examples=40, deadline=5000)
 INF = math.inf
 
 
@@ -216,7 +217,8 @@ any_sigma = st.one_of(axis_sigma, st.tuples(axis_sigma, axis_sigma), st.tuples(*
 @failure_mode(
     "hypothesis: random grids (1xN, Nx1, video, prefix/suffix text tokens), sigma "
     "(0, tiny, huge kernel radius >= grid, inf, per-axis tuples), every mode, radius, empty "
-    "batches and zero-width queries, float32/float64",
+    "batches and zero-width queries, float32/float64; NumPy, array-api-strict, torch (core path "
+    "and the torch fast path's matmul and shift kernels)",
     "result equals SciPy's gaussian_filter1d per axis (mean for inf) within 2e-5 (float32) "
     "/ 1e-11 (float64), same shape and dtype, always finite, non-grid tokens untouched",
 )
@@ -229,6 +231,7 @@ any_sigma = st.one_of(axis_sigma, st.tuples(axis_sigma, axis_sigma), st.tuples(*
     batch=st.integers(0, 2),
     dim=st.integers(0, 3),
     dtype=st.sampled_from(["float32", "float64"]),
+    impl=st.sampled_from(["numpy", "array_api_strict", "torch", "torch-matmul", "torch-shift"]),
     seed=st.integers(0, 2**16),
 )
 def test_fuzz_smooth_queries_matches_scipy_or_is_finite_and_exact(
@@ -239,21 +242,28 @@ def test_fuzz_smooth_queries_matches_scipy_or_is_finite_and_exact(
     batch: int,
     dim: int,
     dtype: str,
+    impl: str,
     seed: int,
 ) -> None:
     q = np.random.default_rng(seed).normal(size=(batch, grid.num_tokens, dim)).astype(dtype)
     ref = reference_smooth(q, grid, sigma, mode, radius)
-    tol = 2e-5 if dtype == "float32" else 1e-11
-    for out in (
-        smooth_queries(q, grid, sigma, radius=radius, mode=mode),  # type: ignore[arg-type]
-        sgt.smooth_queries(torch.from_numpy(q), grid, sigma, radius=radius, mode=mode).numpy(),  # type: ignore[arg-type]
-    ):
-        assert out.shape == q.shape
-        assert out.dtype == q.dtype
-        assert np.isfinite(out).all()
-        np.testing.assert_allclose(out, ref, rtol=0, atol=tol)
-        text = np.r_[0 : grid.prefix, grid.prefix + grid.spatial_tokens : grid.num_tokens]
-        np.testing.assert_array_equal(out[:, text], q[:, text])
+    kw = {"radius": radius, "mode": mode}
+    if impl == "numpy":
+        out = smooth_queries(q, grid, sigma, **kw)  # type: ignore[arg-type]
+    elif impl == "array_api_strict":
+        out = np.asarray(smooth_queries(xps.asarray(q), grid, sigma, **kw))  # type: ignore[arg-type]
+    elif impl == "torch":
+        out = smooth_queries(torch.from_numpy(q), grid, sigma, **kw).numpy()  # type: ignore[arg-type]
+    else:
+        method = impl.removeprefix("torch-")
+        t = sgt.smooth_queries(torch.from_numpy(q), grid, sigma, method=method, **kw)  # type: ignore[arg-type]
+        out = t.numpy()
+    assert out.shape == q.shape
+    assert out.dtype == q.dtype
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, ref, rtol=0, atol=2e-5 if dtype == "float32" else 1e-11)
+    text = np.r_[0 : grid.prefix, grid.prefix + grid.spatial_tokens : grid.num_tokens]
+    np.testing.assert_array_equal(out[:, text], q[:, text])
 
 
 @failure_mode(
@@ -578,3 +588,32 @@ def test_concurrent_smoothing_equals_sequential() -> None:
     for i, exp in enumerate(expected):
         assert len(results[i]) == 20
         assert all(np.array_equal(r, exp) for r in results[i])
+
+
+# -- the command line ------------------------------------------------------------------------
+
+
+@failure_mode(
+    "`smoothguide energy` with --height 0, --width -3, --dim 0, --sigmas -1 / nan / 1e300",
+    "a usage error naming the option (exit status 2), not a Python traceback",
+)
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["--height", "0"], "--height"),
+        (["--width", "-3"], "--width"),
+        (["--dim", "0"], "--dim"),
+        (["--sigmas", "-1"], "--sigmas"),
+        (["--sigmas", "nan"], "--sigmas"),
+        (["--sigmas", "1e300"], "--sigmas"),
+    ],
+)
+def test_cli_bad_options_are_usage_errors(
+    args: list[str], option: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from smoothguide.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["energy", *args])
+    assert info.value.code == 2
+    assert f"argument {option}" in capsys.readouterr().err
