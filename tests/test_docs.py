@@ -158,6 +158,16 @@ def test_new_rule_tutorial_runs_and_stays_short() -> None:
     assert len(code) <= 30, f"the 'rule in 30 lines' is {len(code)} lines"
 
 
+def test_diffusers_tutorial_runs_offline_and_quotes_its_output() -> None:
+    for name in ("torch", "diffusers", "transformers"):
+        pytest.importorskip(name, reason="the diffusers tutorial needs the diffusers extra")
+    result, printed = run_example("diffusers_tiny")
+    assert result["image_shape"] == (1, 3, 32, 48)
+    page = (DOCS / "tutorials" / "diffusers.md").read_text(encoding="utf-8")
+    for line in printed.splitlines():
+        assert line in page, f"tutorial output changed; update diffusers.md: {line!r}"
+
+
 def test_demo_tutorial_states_the_demo_defaults() -> None:
     pytest.importorskip("torch", reason="smoothguide.demo needs the demo extra")
     from smoothguide.demo.guide import DEFAULT_LAYERS
