@@ -306,9 +306,10 @@ def test_img2img_progress_counts_the_steps_it_runs() -> None:
 class SequentialPipe:
     """Calls its UNet once per conditioning (cond, then uncond), like Flux's true CFG."""
 
-    def __init__(self, unet: Any, uncond_first: bool = False) -> None:
+    def __init__(self, unet: Any, uncond_first: bool = False, skip_uncond: bool = False) -> None:
         self.unet = unet
         self.uncond_first = uncond_first
+        self.skip_uncond = skip_uncond  # a misconfigured run: one call per step
         self.scheduler = diffusers.EulerDiscreteScheduler(steps_offset=1)
 
     def __call__(
@@ -319,6 +320,10 @@ class SequentialPipe:
         latents = latents * self.scheduler.init_noise_sigma
         for t in self.scheduler.timesteps:
             x = self.scheduler.scale_model_input(latents, t)
+            if self.skip_uncond:
+                noise = self.unet(x, t, encoder_hidden_states=cond).sample
+                latents = self.scheduler.step(noise, t, latents).prev_sample
+                continue
             if self.uncond_first:
                 neg = self.unet(x, t, encoder_hidden_states=uncond).sample
             noise = self.unet(x, t, encoder_hidden_states=cond).sample
@@ -370,3 +375,21 @@ def test_sequential_pipeline_gets_the_rule_exactly(uncond_first: bool) -> None:
     torch.testing.assert_close(out, x, rtol=1e-10, atol=1e-10)
     with pytest.raises(ValueError, match="sequential must be"):
         PipelineAdapter("bad", matches=lambda p: False, sequential=("cond",))
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_sequential_adapter_refuses_a_pipeline_that_calls_once_per_step(steps: int) -> None:
+    from smoothguide.diffusers import PipelineAdapter
+
+    pipe = SequentialPipe(_unet(xl=False), skip_uncond=True)
+    adapter = PipelineAdapter(
+        "sequential-test",
+        matches=lambda p: isinstance(p, SequentialPipe),
+        sequential=("cond", "uncond"),
+        call_kwargs=lambda p: {"true_cfg_scale": 2.0},
+    )
+    latents, text = torch.randn(1, 4, 8, 8), torch.randn(1, 5, 16)
+    guided = GuidedPipeline(pipe, SEG(3.0, sigma=2.0, cfg_scale=5.0), adapter=adapter)
+    with pytest.raises(RuntimeError, match="did not call the denoiser once per conditioning"):
+        guided(latents, text, text, steps=steps)
+    assert no_hooks(pipe.unet)

@@ -203,7 +203,7 @@ def test_errors_name_the_problem(net: Net) -> None:
     bad.attn = torch.nn.Identity()
     pb = AttentionPatcher(bad, layers=["attn"])
     with (
-        pytest.raises(RuntimeError, match="without calling .*scaled_dot_product_attention"),
+        pytest.raises(RuntimeError, match="without a self-attention call of .*scaled_dot_product"),
         pb.perturb(QuerySmoothing(1.0), rows=[0]),
     ):
         bad(img)
@@ -313,3 +313,43 @@ def test_selected_layers_that_never_run_are_an_error(net: Net) -> None:
         run()
     with p.perturb(QuerySmoothing(1.0, layers="blocks.1"), rows=[0]):
         pass  # no model call at all: nothing to complain about
+
+
+def test_only_self_attention_calls_of_a_layer_are_perturbed() -> None:
+    """A second SDPA call against other tokens (an IP-Adapter's keys) keeps its queries."""
+
+    class AttnWithImagePrompt(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.to_q = torch.nn.Linear(8, 8)
+            self.ip_tokens = torch.nn.Parameter(torch.randn(1, 2, 3, 4))
+
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            b, n, c = z.shape
+            q = self.to_q(z).reshape(b, n, 2, 4).transpose(1, 2)
+            own = F.scaled_dot_product_attention(q, q, q)  # self-attention
+            ip = self.ip_tokens.expand(b, -1, -1, -1)
+            extra = F.scaled_dot_product_attention(q, ip, ip)  # cross-attention to 3 tokens
+            return (own + extra).transpose(1, 2).reshape(b, n, c)
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = AttnWithImagePrompt()
+
+        def forward(self, img: torch.Tensor) -> torch.Tensor:
+            return self.attn(img.flatten(2).transpose(1, 2))
+
+    torch.manual_seed(2)
+    model = Model()
+    img = torch.randn(2, 8, 4, 5)
+    p = AttentionPatcher(model, layers=["attn"])
+    with Capture() as raw:
+        model(img)
+    with Capture() as seen, p.perturb(QuerySmoothing(math.inf), rows=[1]):
+        model(img)
+    (q_self, q_cross), (r_self, r_cross) = seen.queries, raw.queries
+    assert torch.equal(q_cross, r_cross)  # the cross call: untouched
+    mean = r_self[1].mean(dim=1, keepdim=True).expand_as(r_self[1])
+    torch.testing.assert_close(q_self[1], mean)
+    assert torch.equal(q_self[0], r_self[0])

@@ -73,7 +73,7 @@ def scheduler_sigma(pipe: Any, timestep: Any) -> float:
     >>> scheduler_sigma(pipe, 999) == math.sqrt((1 - a) / a)
     True
     """
-    t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+    t = _timestep_value(timestep)
     scheduler = pipe.scheduler
     sigmas = getattr(scheduler, "sigmas", None)
     timesteps = getattr(scheduler, "timesteps", None)
@@ -90,6 +90,12 @@ def scheduler_sigma(pipe: Any, timestep: Any) -> float:
         f"cannot find the noise level of timestep {t} for {type(scheduler).__name__}: it has "
         "neither sigmas/timesteps nor alphas_cumprod; pass a PipelineAdapter with sigma=..."
     )
+
+
+def _timestep_value(timestep: Any) -> float:
+    if isinstance(timestep, torch.Tensor):
+        return float(timestep.flatten()[0]) if timestep.numel() else math.nan
+    return float(timestep)
 
 
 def _cfg_layout(pipe: Any) -> tuple[str, ...]:
@@ -278,6 +284,7 @@ class _SequentialStep:
 
     ctx: StepContext
     needed: list[Branch]
+    timestep: float
     outputs: dict[Branch, Any] = field(default_factory=dict)
     first: Any = None  # what the step's first call returned to the pipeline
 
@@ -387,6 +394,12 @@ class GuidedPipeline:
             stack.enter_context(self.patcher.attached())
             stack.callback(self._close_steps)
             yield
+        if self._sequential is not None:
+            raise RuntimeError(
+                f"sequential adapter {self.adapter.name!r}: the run ended in the middle of a step "
+                f"(the pipeline did not call the denoiser once per conditioning "
+                f"{self.adapter.sequential}; e.g. Flux true CFG without a negative prompt)"
+            )
 
     def _close_steps(self) -> None:
         while self._steps:
@@ -484,10 +497,17 @@ class GuidedPipeline:
                 raise RuntimeError(
                     f"the rule needs {foreign} branches but the pipeline runs only {seq}"
                 )
-            self._sequential = _SequentialStep(ctx, needed)
+            self._sequential = _SequentialStep(ctx, needed, _timestep_value(timestep))
         current = self._sequential
         if current is None:
             raise RuntimeError("sequential pipeline call out of order: no step in progress")
+        if position > 0 and _timestep_value(timestep) != current.timestep:
+            raise RuntimeError(
+                f"sequential adapter {self.adapter.name!r}: call {position + 1} of a step came at "
+                f"timestep {_timestep_value(timestep)}, not {current.timestep}: the pipeline did "
+                f"not call the denoiser once per conditioning {seq} (e.g. Flux true CFG without a "
+                "negative prompt)"
+            )
         conditioning = seq[position]
         order = [b for b in current.needed if b.conditioning == conditioning]
         if not order:

@@ -114,8 +114,13 @@ class _SDPAMode(TorchFunctionMode):
     ) -> Any:
         kwargs = kwargs or {}
         if func is _SDPA:
-            self.calls += 1
-            return self.patcher._attend(self.name, self.entries, args, kwargs)
+            q, k, *_ = _split_sdpa_args(args, kwargs)
+            # Only self (or joint) attention: keys are the queries' own tokens. A second
+            # SDPA call of the same module against other tokens (an IP-Adapter's image
+            # keys in SD3/Flux joint attention) is cross-attention and stays untouched.
+            if k.shape[-2] == q.shape[-2]:
+                self.calls += 1
+                return self.patcher._attend(self.name, self.entries, args, kwargs)
         return func(*args, **kwargs)
 
 
@@ -147,7 +152,10 @@ class AttentionPatcher:
 
     The grid of each layer comes from the model call's input
     (``geometry(args, kwargs)``, default :func:`image_geometry`) and the
-    layer's :class:`LayerSpec` layout. Attention rows are mapped to model rows
+    layer's :class:`LayerSpec` layout. Only self (or joint) attention calls are
+    perturbed, i.e. SDPA calls whose keys have as many tokens as the queries; a
+    second call of the same module against other tokens (IP-Adapter image keys)
+    is left alone. Attention rows are mapped to model rows
     by the integer ratio of their batch sizes (heads or frames folded into the
     batch, model row major). A perturbed layer that runs without calling
     ``scaled_dot_product_attention`` raises ``RuntimeError``, and so does a
@@ -505,12 +513,13 @@ class AttentionPatcher:
             elif mode in local.pushed:
                 local.pushed.remove(mode)
             _remove_mode(mode)
-            if mode.calls == 0 and sys.exc_info()[0] is None:
+            if mode.calls == 0 and sys.exc_info()[0] is None:  # no self-attention SDPA call
                 processor = getattr(getattr(mod, "processor", None), "__class__", None)
                 raise RuntimeError(
                     f"attention layer {name!r} ({type(mod).__name__}"
                     + (f", processor {processor.__name__}" if processor else "")
-                    + ") ran without calling torch.nn.functional.scaled_dot_product_attention, "
+                    + ") ran without a self-attention call of "
+                    "torch.nn.functional.scaled_dot_product_attention (keys as many as queries), "
                     "so the perturbation could not be applied; use an SDPA-based attention "
                     "processor/backend (e.g. diffusers' AttnProcessor2_0 or the native backend)"
                 )
