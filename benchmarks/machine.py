@@ -27,6 +27,19 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _simd_flags() -> str:
+    """The vector-instruction flags of the CPU that matter for these kernels."""
+    wanted = ("avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return " ".join(f for f in wanted if f in have) or "none of " + ", ".join(wanted)
+    except OSError:
+        pass
+    return "unknown"
+
+
 def _version(name: str) -> str:
     try:
         return importlib.metadata.version(name)
@@ -71,6 +84,7 @@ def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {
         "date (UTC)": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
         "CPU": _cpu_model(),
+        "CPU SIMD flags": _simd_flags(),
         "logical cores": os.cpu_count(),
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -82,6 +96,7 @@ def machine_info() -> dict[str, Any]:
         import torch
 
         info["torch threads"] = torch.get_num_threads()
+        info["torch CPU capability"] = torch.backends.cpu.get_cpu_capability()
     except ImportError:
         pass
     for name in _PACKAGES:

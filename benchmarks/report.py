@@ -181,6 +181,38 @@ def _machine(info: RunInfo) -> str:
     return table(["", ""], rows)
 
 
+def _reading(rows: list[Row]) -> str:
+    """How to read the goal-shape numbers, with this run's values filled in."""
+    g = goal_rows(rows)
+    r10, rinf = g.get("10"), g.get("inf")
+    if r10 is None or r10.median("ours") is None:
+        return ""
+    c = r10.case
+    t = r10.median("ours")
+    assert t is not None
+    flops = 2 * (c.height + c.width) * c.batch * c.heads * c.tokens * c.dim
+    k = 2 * c.official_radius() + 1
+    text = [
+        f"Reading the goal shape ({c.batch}, {c.heads}, {c.height}·{c.width}, {c.dim}): at σ = 10 "
+        f"the fast path blurs each axis with a dense {c.height} × {c.height} (and "
+        f"{c.width} × {c.width}) matrix, 2·(H + W) = {2 * (c.height + c.width)} flops per "
+        f"element, {flops / 1e9:.2f} GFLOP in {1e3 * t:.1f} ms ({flops / t / 1e9:.0f} GFLOP/s); "
+        f"the official code convolves with a {k} × {k} kernel, {2 * k * k} flops per element "
+        f"({2 * k * k / (2 * (c.height + c.width)):.0f}× more arithmetic). q.clone() does no "
+        f"arithmetic and moves {2 * 4 * c.batch * c.heads * c.tokens * c.dim / 2**20:.0f} MiB, "
+        f"so ours / clone = {times_x(r10.ratio('ours', 'clone'))} at σ = 10 is the price of the "
+        "arithmetic (exact Gaussian smoothing is compute-bound), not of extra memory traffic. "
+        "SDPA costs ∝ tokens² · dim, the blur ∝ tokens · (H + W) · dim, so the blur's share "
+        "shrinks as grids grow (compare the 32·32 rows, where tokens² is small)."
+    ]
+    if rinf is not None and rinf.median("ours") is not None:
+        text.append(
+            f" At σ = ∞ the blur is a mean over the grid: ours / clone = "
+            f"{times_x(rinf.ratio('ours', 'clone'))}."
+        )
+    return "".join(text)
+
+
 def _smoothing(rows: list[Row]) -> str:
     labels = {m.key: m.label for m in METHODS}
     parts = [
@@ -526,6 +558,8 @@ def render(
             )
         )
         parts.append("")
+        if smoothing is not None:
+            parts += [_reading(smoothing), ""]
     if smoothing is not None:
         parts += ["## 1. Query smoothing", "", _smoothing(smoothing), ""]
     if step is not None:
