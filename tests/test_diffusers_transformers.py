@@ -580,7 +580,8 @@ class CaptureQueries(TorchFunctionMode):
 
     def __init__(self, model: torch.nn.Module, names: tuple[str, ...]) -> None:
         super().__init__()
-        self.queries: dict[str, torch.Tensor] = {}
+        self.queries: dict[str, torch.Tensor] = {}  # last call per module
+        self.calls: dict[str, list[tuple[torch.Tensor, int]]] = {}  # every call: (q, key tokens)
         self.current: list[str] = []
         self.handles = []
         modules = dict(model.named_modules())
@@ -601,7 +602,9 @@ class CaptureQueries(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is torch.nn.functional.scaled_dot_product_attention and self.current:
             q = args[0] if args else kwargs["query"]
+            k = args[1] if len(args) > 1 else kwargs["key"]
             self.queries[self.current[-1]] = q.detach().clone()
+            self.calls.setdefault(self.current[-1], []).append((q.detach().clone(), k.shape[-2]))
         return func(*args, **kwargs)
 
     def remove(self) -> None:
@@ -945,3 +948,48 @@ def test_video_tokens_layout_checks_token_count() -> None:
     assert VideoTokens().grid(72, g).shape == (3, 4, 6)
     with pytest.raises(ValueError, match="3 frames x 24 tokens"):
         VideoTokens().grid(71, g)
+
+
+def test_sd3_ip_adapter_processor_keeps_running_and_its_image_attention_is_not_blurred(
+    models: dict[str, torch.nn.Module],
+) -> None:
+    """SD3's IP-Adapter processor runs a second attention (image queries vs image + IP keys).
+
+    SEG blurs the joint self-attention call only; the IP call, the processor object and
+    the IP contribution stay as they are.
+    """
+    model = copy.deepcopy(models["sd3"])
+    layer = "transformer_blocks.1.attn"
+    _seed(4)
+    ip = diffusers.models.attention_processor.SD3IPAdapterJointAttnProcessor2_0(
+        hidden_size=16, ip_hidden_states_dim=8, head_dim=8, timesteps_emb_dim=16, scale=0.5
+    )
+    _randomize(ip)
+    dict(model.named_modules())[layer].set_processor(ip)
+    h, w = SIZES["sd3"]
+    kw = inputs("sd3", model, 2, (h, w))
+    g = _seed(5)
+    kw["joint_attention_kwargs"] = {
+        "ip_hidden_states": torch.randn(2, 4, 8, generator=g),
+        "temb": torch.randn(2, 16, generator=g),
+    }
+    p = patcher_for(model)
+    with torch.no_grad(), capture(model, (layer,), stop=True) as plain:
+        model(**kw)
+    with (
+        torch.no_grad(),
+        p.perturb(QuerySmoothing(INF, layers=layer), rows=[1]),
+        capture(model, (layer,), stop=True) as seg,
+    ):
+        model(**kw)
+    assert dict(model.named_modules())[layer].processor is ip
+    (q_joint, k_joint), (q_ip, k_ip) = plain.calls[layer]
+    (s_joint, _), (s_ip, _) = seg.calls[layer]
+    n = h * w
+    assert k_joint == q_joint.shape[-2] == n + 5  # joint: image + text keys
+    assert k_ip == n + 4  # IP call: image + IP-image keys for n image queries
+    assert torch.equal(s_ip, q_ip)  # the IP attention's queries are not blurred
+    assert torch.equal(s_joint[0], q_joint[0])
+    mean = q_joint[1, :, :n].mean(dim=-2, keepdim=True).expand(-1, n, -1)
+    torch.testing.assert_close(s_joint[1, :, :n], mean, atol=1e-6, rtol=0)
+    assert torch.equal(s_joint[1, :, n:], q_joint[1, :, n:])
