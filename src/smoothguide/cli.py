@@ -52,7 +52,17 @@ def _sigma(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``smoothguide`` command."""
+    """The argument parser of the ``smoothguide`` command.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+
+    Examples
+    --------
+    >>> build_parser().parse_args(["energy", "--height", "4"]).height
+    4
+    """
     parser = argparse.ArgumentParser(
         prog="smoothguide", description="Smoothed Energy Guidance for diffusion models."
     )
@@ -86,7 +96,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``smoothguide`` command."""
+    """Entry point of the ``smoothguide`` command.
+
+    Parameters
+    ----------
+    argv
+        Arguments without the program name; default ``sys.argv[1:]``.
+
+    Returns
+    -------
+    int
+        The exit status.
+
+    Examples
+    --------
+    >>> main(["energy", "--height", "2", "--width", "3", "--sigmas", "0"])  # doctest: +ELLIPSIS
+    | sigma | query variance | ...
+    0
+    """
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list and args_list[0] in DELEGATED:
         return _delegate(DELEGATED[args_list[0]], args_list[1:])

@@ -57,6 +57,18 @@ def _upcast(xp: Any, x: Array, name: str) -> Array:
 def logsumexp(a: Array, *, axis: int = -1) -> Array:
     """Stable ``log(sum(exp(a), axis))``: the maximum is taken out first.
 
+    Parameters
+    ----------
+    a
+        Real floating array.
+    axis
+        Axis to reduce.
+
+    Returns
+    -------
+    array
+        ``a`` reduced along ``axis``.
+
     Examples
     --------
     >>> import numpy as np
@@ -73,6 +85,18 @@ def logsumexp(a: Array, *, axis: int = -1) -> Array:
 def log_softmax(a: Array, *, axis: int = -1) -> Array:
     """Stable ``log(softmax(a))`` along ``axis``: ``a - lse(a)``, finite for finite ``a``.
 
+    Parameters
+    ----------
+    a
+        Real floating array.
+    axis
+        Axis the softmax normalises.
+
+    Returns
+    -------
+    array
+        Same shape as ``a``.
+
     Examples
     --------
     >>> import numpy as np
@@ -84,7 +108,19 @@ def log_softmax(a: Array, *, axis: int = -1) -> Array:
 
 
 def softmax(a: Array, *, axis: int = -1) -> Array:
-    """Stable softmax along ``axis``.
+    """Stable softmax along ``axis``: ``exp(a - max a) / sum(exp(a - max a))``.
+
+    Parameters
+    ----------
+    a
+        Real floating array.
+    axis
+        Axis to normalise.
+
+    Returns
+    -------
+    array
+        Same shape as ``a``, non-negative, summing to 1 along ``axis``.
 
     Examples
     --------
@@ -106,6 +142,11 @@ def attention_logits(q: Array, k: Array, *, scale: float | None = None) -> Array
         Arrays of shape ``(..., queries, d)`` and ``(..., keys, d)``.
     scale
         Default ``1 / sqrt(d)``.
+
+    Returns
+    -------
+    array
+        ``(..., queries, keys)``, in the dtype of ``q`` (16-bit inputs accumulate in float32).
 
     Examples
     --------
@@ -133,6 +174,18 @@ def attention_logits(q: Array, k: Array, *, scale: float | None = None) -> Array
 
 def attention(q: Array, k: Array, v: Array, *, scale: float | None = None) -> Array:
     """Reference attention ``softmax(scale * Q Kᵀ) V`` with a stable softmax over keys.
+
+    Parameters
+    ----------
+    q, k, v
+        Shapes ``(..., queries, d)``, ``(..., keys, d)`` and ``(..., keys, dv)``, one dtype.
+    scale
+        Default ``1 / sqrt(d)``.
+
+    Returns
+    -------
+    array
+        ``(..., queries, dv)`` in the dtype of ``q``.
 
     Examples
     --------
@@ -204,6 +257,16 @@ def attention_energy(
 def lse_energy(a: Array) -> Array:
     """``E'(a) = -lse(a)`` over the last axis (Eq. 5 for one key's logit map).
 
+    Parameters
+    ----------
+    a
+        Logits ``(..., n)``.
+
+    Returns
+    -------
+    array
+        ``(...)``.
+
     Examples
     --------
     >>> import numpy as np
@@ -215,6 +278,16 @@ def lse_energy(a: Array) -> Array:
 
 def lse_energy_grad(a: Array) -> Array:
     """Gradient of ``E'(a) = -lse(a)``: ``-softmax(a)`` (last axis).
+
+    Parameters
+    ----------
+    a
+        Logits ``(..., n)``.
+
+    Returns
+    -------
+    array
+        ``(..., n)``.
 
     Examples
     --------
@@ -228,8 +301,17 @@ def lse_energy_grad(a: Array) -> Array:
 def lse_energy_hessian(a: Array) -> Array:
     """Hessian of ``E'(a) = -lse(a)``: ``-(diag p - p pᵀ)`` with ``p = softmax(a)``.
 
-    Returns an array of shape ``(..., n, n)`` for ``a`` of shape ``(..., n)``.
     It is negative semi-definite with ``1`` (the all-ones direction) in its kernel.
+
+    Parameters
+    ----------
+    a
+        Logits ``(..., n)``.
+
+    Returns
+    -------
+    array
+        ``(..., n, n)``.
 
     Examples
     --------
@@ -259,6 +341,11 @@ def smoothed_energy_hessian(a: Array, b: Array) -> Array:
         Linear blur operator of shape ``(n, n)``, e.g. ``kron(M_h, M_w)`` of two
         :func:`~smoothguide.blur_matrix` factors.
 
+    Returns
+    -------
+    array
+        ``(..., n, n)``.
+
     Examples
     --------
     >>> import numpy as np
@@ -279,6 +366,18 @@ def diagonal_curvature_logdet(a: Array, b: Array | None = None) -> Array:
     with it. ``b=None`` gives the unblurred ``sum_i log softmax(a)_i``. This is
     the *approximation* the paper reasons with, not an exact curvature; see
     ``docs/theory.md`` for when its conclusion fails.
+
+    Parameters
+    ----------
+    a
+        Logits ``(..., n)``.
+    b
+        Blur operator ``(n, n)`` with a positive diagonal, or ``None``.
+
+    Returns
+    -------
+    array
+        ``(...)``: the log of the approximate ``|det|``.
 
     Examples
     --------

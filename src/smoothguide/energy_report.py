@@ -42,6 +42,24 @@ def energy_table(
     ``energy``, ``curvature`` and ``curvature_down`` (share of keys whose exact
     curvature did not increase).
 
+    Parameters
+    ----------
+    height, width, dim
+        Grid and query dimension.
+    sigmas
+        Blur widths, one row each.
+    mode
+        Boundary mode.
+    seed
+        Seed of the random queries and keys.
+    keys
+        Number of keys.
+
+    Returns
+    -------
+    list of dict
+        One dict per σ.
+
     Examples
     --------
     >>> rows = energy_table(height=4, width=5, dim=4, sigmas=(0.0, math.inf), keys=3)
@@ -83,6 +101,15 @@ def energy_table(
 
 def energy_report(**kwargs: object) -> str:
     """:func:`energy_table` as a Markdown table (the output of ``smoothguide energy``).
+
+    Parameters
+    ----------
+    **kwargs
+        Passed to :func:`energy_table`.
+
+    Returns
+    -------
+    str
 
     Examples
     --------

@@ -50,6 +50,11 @@ class Perturbation:
     layers
         Attention layers to perturb: ``None`` (adapter default), a preset or
         module name, or a sequence of them.
+
+    Examples
+    --------
+    >>> isinstance(QuerySmoothing(1.0), Perturbation)
+    True
     """
 
     layers: tuple[str, ...] | None = field(default=None, kw_only=True)
@@ -113,6 +118,11 @@ class IdentityAttention(Perturbation):
 
     Each token then attends only to itself, so the attention output equals the
     values ``V`` (before the output projection).
+
+    Parameters
+    ----------
+    layers
+        See :class:`Perturbation`.
 
     Examples
     --------

@@ -212,6 +212,20 @@ def branch_output(
 ) -> Array:
     """``outputs[branch]``, or a ``ValueError`` naming ``outputs`` and the missing branch.
 
+    Parameters
+    ----------
+    outputs
+        Branch outputs handed to a rule.
+    branch
+        The branch wanted.
+    needed
+        All branches the rule needs at this step, for the error message.
+
+    Returns
+    -------
+    array
+        ``outputs[branch]``.
+
     Examples
     --------
     >>> branch_output({COND: 1.0}, COND)

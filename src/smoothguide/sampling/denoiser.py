@@ -327,6 +327,15 @@ def batch_order(branches: Sequence[Branch]) -> list[Branch]:
     :class:`GuidedDenoiser`'s batched call (branch ``j`` owns rows
     ``j * batch .. (j + 1) * batch - 1``).
 
+    Parameters
+    ----------
+    branches
+        Branches a rule asked for, in any order, possibly repeated.
+
+    Returns
+    -------
+    list of Branch
+
     Examples
     --------
     >>> from smoothguide.perturbations import QuerySmoothing
