@@ -152,7 +152,9 @@ def smooth_queries(
     Returns
     -------
     torch.Tensor
-        Same shape, dtype and device as ``q``; float16/bfloat16 are accumulated in float32.
+        Same shape, dtype and device as ``q``; float16/bfloat16 are accumulated in
+        float32. With ``sigma = inf`` on every blurred axis the result may be a
+        broadcast (stride-0) view: call ``.contiguous()`` before writing to it in place.
 
     Examples
     --------
