@@ -278,6 +278,15 @@ def test_flux_true_cfg_runs_cfg_rules_one_call_per_conditioning(flux_pipe: Any) 
     assert np.abs(image - plain).max() > 1e-3
 
 
+def test_flux_true_cfg_without_negative_prompt_is_refused(flux_pipe: Any) -> None:
+    """One call per step instead of two: the two-call bookkeeping must not misalign silently."""
+    before = _hooks(flux_pipe.transformer)
+    guided = GuidedPipeline(flux_pipe, SEG(3.0, cfg_scale=4.0), adapter=FLUX_TRUE_CFG)
+    with pytest.raises(RuntimeError, match="once per conditioning"):
+        guided(**flux_kwargs(), height=8, width=8, generator=_gen())
+    assert _hooks(flux_pipe.transformer) == before
+
+
 def test_wan_cfg_seg_one_call_per_conditioning(wan_pipe: Any) -> None:
     g = torch.Generator().manual_seed(1)
     pe = torch.randn(1, 6, 16, generator=g)

@@ -29,7 +29,8 @@ Pipelines and what the wrapper needs from them:
     for the negative prompt; each call runs the rule's branches of its
     conditioning batched (:class:`~smoothguide.diffusers.pipeline.PipelineAdapter`
     ``sequential=("cond", "uncond")``). Pass ``negative_prompt`` or negative
-    embeddings, or the pipeline makes one call per step and the calls misalign.
+    embeddings: without them the pipeline makes one call per step and the
+    wrapper raises ``RuntimeError``.
 ``WanPipeline`` (Wan 2.1, single-transformer Wan 2.2)
     the same two-call pattern with ``guidance_scale`` forced; pipelines with a
     second transformer (``boundary_ratio``) are not matched.
