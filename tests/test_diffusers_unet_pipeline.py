@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,8 +30,17 @@ def _one_thread() -> Any:
 
 
 def _tokenizer() -> Any:
+    """A CLIP tokenizer with a 5-word vocabulary, built offline."""
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2, "cat</w>": 3, "photo</w>": 4}
-    return transformers.CLIPTokenizer(vocab=vocab, merges=[], model_max_length=8)
+    try:  # transformers >= 5 takes the vocabulary itself
+        return transformers.CLIPTokenizer(vocab=vocab, merges=[], model_max_length=8)
+    except TypeError:  # transformers 4.x reads vocab.json and merges.txt
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
+            (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
+            return transformers.CLIPTokenizer(
+                str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=8
+            )
 
 
 def _text_encoder(projection: bool = False) -> Any:
