@@ -67,6 +67,11 @@ def sci(v: float | str | None) -> str:
     return "0" if v == 0 else f"{v:.1e}"
 
 
+def _mib(nbytes: float) -> str:
+    v = nbytes / 2**20
+    return f"{v:.2g}" if v < 10 else f"{v:,.0f}"
+
+
 def sigma_str(s: float) -> str:
     return "∞" if math.isinf(s) else f"{s:g}"
 
@@ -430,7 +435,7 @@ def _memory(res: MemoryResults, figure: Path | None) -> str:
                 "—" if p.torch_peak is None else f"{p.torch_peak / 1024:.0f}",
                 f"{p.numpy_peak / base:.2f}",
                 "—" if p.torch_peak is None else f"{p.torch_peak / base:.2f}",
-                f"{4 * p.tokens**2 / 2**20:,.0f}",
+                _mib(4 * p.tokens**2),
             ]
         )
     parts.append(
