@@ -45,8 +45,13 @@ def require_floating(xp: Any, x: Array, name: str) -> None:
         )
 
 
-def compute_dtype(xp: Any, dtype: Any) -> Any:
-    """The dtype to accumulate in: float32 for 16-bit floats, else ``dtype`` itself."""
+def compute_dtype(xp: Any, dtype: Any, name: str = "the input") -> Any:
+    """The dtype to accumulate in: float32 for 16-bit floats, else ``dtype`` itself.
+
+    Raises ``TypeError`` naming ``name`` for a dtype that is not real floating.
+    """
+    if not xp.isdtype(dtype, "real floating"):
+        raise TypeError(f"{name} must have a real floating dtype, got {dtype}")
     if xp.finfo(dtype).bits < 32:
         return xp.float32
     return dtype

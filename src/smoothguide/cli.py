@@ -45,9 +45,26 @@ def _delegate(module: str, rest: list[str]) -> int:
 
 
 def _sigma(text: str) -> float:
-    value = float(text)
-    if math.isnan(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"sigma must be >= 0 or inf, got {text}")
+    from .smoothing import default_radius
+
+    try:
+        value = float(text)
+        if not math.isinf(value):
+            default_radius(value)  # rejects NaN, negatives and kernels too wide to build
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"sigma must be a number >= 0 or inf with a buildable kernel, got {text} ({exc})"
+        ) from None
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
     return value
 
 
@@ -78,9 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="how query blur changes the attention energy, variance and curvature of "
         "random queries",
     )
-    energy.add_argument("--height", type=int, default=12)
-    energy.add_argument("--width", type=int, default=16)
-    energy.add_argument("--dim", type=int, default=16)
+    energy.add_argument("--height", type=_positive_int, default=12)
+    energy.add_argument("--width", type=_positive_int, default=16)
+    energy.add_argument("--dim", type=_positive_int, default=16)
     energy.add_argument("--seed", type=int, default=0)
     energy.add_argument(
         "--mode", default="reflect", choices=["reflect", "mirror", "nearest", "wrap"]

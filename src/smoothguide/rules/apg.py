@@ -105,7 +105,7 @@ class APG(Term):
                 "APG needs predictions of shape (batch, ...) with at least one non-batch axis, "
                 f"got shape {tuple(x_c.shape)}"
             )
-        work = compute_dtype(xp, x_c.dtype)
+        work = compute_dtype(xp, x_c.dtype, "outputs")
         axes = tuple(range(1, x_c.ndim))
         diff = xp.astype(x_c, work) - xp.astype(x_u, work)
         new_state = None

@@ -82,7 +82,7 @@ class Rescale(Term):
                 f"axis, got shape {tuple(pred.shape)}"
             )
         axes = tuple(range(1, pred.ndim))
-        work = compute_dtype(xp, pred.dtype)
+        work = compute_dtype(xp, pred.dtype, "outputs")
         std_c = xp.std(xp.astype(x_c, work), axis=axes, keepdims=True)
         std_x = xp.std(xp.astype(pred, work), axis=axes, keepdims=True)
         positive = std_x > 0

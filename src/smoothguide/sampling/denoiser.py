@@ -400,6 +400,12 @@ def _merge_value(xp: Any, values: list[Any], batch: int, name: str) -> Any:
                     f"to be batched, got shape {tuple(v.shape)}; use batched=False"
                 )
             parts.append(v)
+        trailing = {tuple(p.shape[1:]) for p in parts}
+        if len(trailing) > 1:
+            raise ValueError(
+                f"cannot batch keyword argument {name}: its shapes differ between branches "
+                f"({[tuple(p.shape) for p in parts]}); use batched=False"
+            )
         return xp.concat(parts, axis=0)
     if all(_same(values[0], v) for v in values[1:]):
         return values[0]
