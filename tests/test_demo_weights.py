@@ -83,7 +83,7 @@ def _tiny_args(tmp_path: Path, steps: int, ckpt: str, out: str) -> list[str]:
         "--steps", str(steps), "--depth", "3", "--hidden", "32", "--heads", "2",
         "--batch-size", "8", "--classifier-steps", "2", "--checkpoint-every", "2",
         "--checkpoint-dir", str(tmp_path / ckpt), "--out", str(tmp_path / out),
-        "--dtype", "float32", "--no-progress", "--threads", "1",
+        "--dtype", "float32", "--no-progress", "--preview-per-class", "1",
     ]  # fmt: skip
 
 

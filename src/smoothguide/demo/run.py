@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from ..rules import CFG, PAG, SEG
 from ._deps import require, torch
 from .data import load_demo_data
@@ -306,7 +308,9 @@ def run_demo(
         )
     bar.close()
 
-    train_feats, _ = embed(clf, data.train_images[:n])
+    # the same number of real training digits (a seeded subset; the CSV is sorted by class)
+    pick = np.random.default_rng(seed).choice(data.train_images.shape[0], size=n, replace=False)
+    train_feats, _ = embed(clf, data.train_images[np.sort(pick)])
     reference = {
         "fd_real_train_vs_held_out": frechet_distance(train_feats, real_feats),
         "held_out_confidence": classifier_scores(real_probs)["confidence"],

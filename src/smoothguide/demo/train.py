@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="only export the weights of an existing checkpoint",
     )
+    p.add_argument(
+        "--preview-per-class", type=int, default=10, help="CFG samples per digit in the final check"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true", help="disable the tqdm bar")
     return p
@@ -296,7 +299,13 @@ def _export(out: str, ema: Any, clf: Any, meta: dict[str, Any], dtype: str) -> d
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the training job; returns the process exit code."""
     args = build_parser().parse_args(argv)
-    for name in ("steps", "batch_size", "checkpoint_every", "classifier_epochs"):
+    for name in (
+        "steps",
+        "batch_size",
+        "checkpoint_every",
+        "classifier_epochs",
+        "preview_per_class",
+    ):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
     if args.threads is not None:
@@ -454,7 +463,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _log(f"time budget of {args.max_minutes} min reached at step {meta['step']}")
     den = DemoDenoiser(copy.deepcopy(ema).eval())
     assert clf is not None
-    acc = _preview_cfg_accuracy(den, clf.eval(), n_per_class=10, scale=2.0, seed=args.seed)
+    acc = _preview_cfg_accuracy(
+        den, clf.eval(), n_per_class=args.preview_per_class, scale=2.0, seed=args.seed
+    )
     meta["preview_cfg_accuracy"] = round(acc, 4)
     _log(f"preview: CFG(2) Euler-30 samples classified as their class: {acc:.3f}")
     _save_checkpoint(args.checkpoint_dir, parts, meta)
