@@ -900,3 +900,46 @@ def test_reusing_one_context_object_is_a_clear_error(how: str) -> None:
         with ctx, pytest.raises(RuntimeError, match=r"perturb\(\)"), ctx:
             pass  # pragma: no cover
     assert_restored(net, before)
+
+
+@failure_mode(
+    "ONE demo model sampled by two threads at once with different rules (SEG+CFG in one, PAG "
+    "in the other), each with its own patcher, and with one shared patcher",
+    "each thread's samples bit-identical to the same run done alone (perturbations are per "
+    "thread; hooks are reference-counted under a lock)",
+)
+@pytest.mark.parametrize("patchers", ["own", "shared"])
+def test_one_model_two_threads_different_rules_equal_sequential(patchers: str) -> None:
+    den = tiny_demo(0)
+    rules = [Compose(CFG(2.0), SEG(2.0, sigma=1.0)), PAG(2.0, cfg_scale=1.5)]
+    shared = demo_patcher(den)
+    perturbers = [shared, shared] if patchers == "shared" else [demo_patcher(den) for _ in rules]
+
+    def run_one(i: int) -> torch.Tensor:
+        guided = GuidedDenoiser(
+            den, rules[i], uncond={"class_labels": torch.tensor([10])}, perturber=perturbers[i]
+        )
+        x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(3)) * SIGMAS[0]
+        with torch.no_grad():
+            return sample_euler(
+                guided, x, SIGMAS, extra_args={"class_labels": torch.tensor([1, 2])}, progress=False
+            )
+
+    expected = [run_one(i) for i in range(2)]
+    got: list[list[torch.Tensor]] = [[], []]
+    barrier = threading.Barrier(2)
+
+    def work(i: int) -> None:
+        barrier.wait()
+        for _ in range(3):
+            got[i].append(run_one(i))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for i in range(2):
+        assert len(got[i]) == 3
+        assert all(torch.equal(g, expected[i]) for g in got[i])
+    assert hooks(den) == 0
