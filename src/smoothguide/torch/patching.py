@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,6 +134,26 @@ def _split_sdpa_args(
         values.append(rest_kwargs.pop(name))
     q, k, v = values
     return q, k, v, tuple(args[3:]), rest_kwargs
+
+
+class _SingleUse(AbstractContextManager[None]):
+    """A context manager that may be entered once (a generator-based one breaks obscurely)."""
+
+    def __init__(self, inner: AbstractContextManager[None]) -> None:
+        self._inner = inner
+        self._entered = False
+
+    def __enter__(self) -> None:
+        if self._entered:
+            raise RuntimeError(
+                "this perturb() context was already entered; call patcher.perturb(...) again "
+                "for a new one"
+            )
+        self._entered = True
+        return self._inner.__enter__()
+
+    def __exit__(self, *exc: Any) -> bool | None:
+        return self._inner.__exit__(*exc)
 
 
 class AttentionPatcher:
@@ -348,9 +368,13 @@ class AttentionPatcher:
         return self._ordered(names)
 
     # ---------------------------------------------------------------- perturb
-    @contextmanager
-    def perturb(self, perturbation: Perturbation, rows: Sequence[int]) -> Iterator[None]:
+    def perturb(
+        self, perturbation: Perturbation, rows: Sequence[int]
+    ) -> AbstractContextManager[None]:
         """Apply ``perturbation`` to batch rows ``rows`` of the model calls inside the context.
+
+        Each call returns a fresh single-use context manager; entering the same one
+        twice raises ``RuntimeError``.
 
         Parameters
         ----------
@@ -368,6 +392,10 @@ class AttentionPatcher:
             For an unsupported perturbation, bad rows, unknown layers or rows
             that overlap another active perturbation.
         """
+        return _SingleUse(self._perturb(perturbation, rows))
+
+    @contextmanager
+    def _perturb(self, perturbation: Perturbation, rows: Sequence[int]) -> Iterator[None]:
         if not isinstance(perturbation, QuerySmoothing | IdentityAttention):
             raise TypeError(
                 "perturbation must be QuerySmoothing or IdentityAttention, got "
