@@ -56,7 +56,7 @@ def times_x(v: float | None, digits: int = 3) -> str:
 
 
 def pct(v: float | None) -> str:
-    return "—" if v is None else f"{100 * v:.2g} %"
+    return "—" if v is None else f"{100 * v:.3g} %"
 
 
 def sci(v: float | str | None) -> str:
