@@ -63,10 +63,10 @@ class DemoSettings:
     seg_scale: float = 1.0
     seg_sigmas: tuple[float, ...] = (1.0, 2.0, 5.0, math.inf)
     seg_layers: str | tuple[str, ...] = DEFAULT_LAYERS
-    pag_scale: float = 1.0
+    pag_scale: float = 0.5
     cfg_scale: float = 2.0
-    sweep_sigmas: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 10.0, math.inf)
-    sweep_pag_scales: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 3.0)
+    sweep_sigmas: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, math.inf)
+    sweep_pag_scales: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0)
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ def methods(settings: DemoSettings, *, quick: bool = False) -> list[Method]:
     --------
     >>> names = [m.name for m in methods(DemoSettings(), quick=True)]
     >>> names[:2]
-    ['uncond: none', 'uncond: PAG s=1']
+    ['uncond: none', 'uncond: PAG s=0.5']
     """
     s, lay = settings, settings.seg_layers
     out = [Method("uncond: none", False, None)]
@@ -234,9 +234,9 @@ def run_demo(
     seed
         Seed of the noise; the same seed gives the same files.
     num_samples
-        Samples per method (default 250, quick 30).
+        Samples per method (default 200, quick 30).
     steps
-        Euler steps (default 20, quick 8).
+        Euler steps (default 16, quick 8).
     settings
         Guidance settings (default :class:`DemoSettings`).
     weights_dir
@@ -251,8 +251,8 @@ def run_demo(
     """
     if not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {seed!r}")
-    n = num_samples if num_samples is not None else (30 if quick else 250)
-    steps = steps if steps is not None else (8 if quick else 20)
+    n = num_samples if num_samples is not None else (30 if quick else 200)
+    steps = steps if steps is not None else (8 if quick else 16)
     if n < 10:
         raise ValueError(f"num_samples must be >= 10, got {n}")
     if steps < 1:
@@ -434,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=None, help="samples per method")
     p.add_argument("--steps", type=int, default=None, help="Euler steps")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument(
+        "--weights-dir", default=None, help="weights directory (default: the shipped weights)"
+    )
     p.add_argument("--no-progress", action="store_true", help="disable the progress bar")
     return p
 
@@ -451,6 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
         num_samples=args.num_samples,
         steps=args.steps,
+        weights_dir=args.weights_dir,
     )
     print(
         f"wrote {os.path.abspath(args.out)}: grid_unconditional.png, grid_conditional.png, "
