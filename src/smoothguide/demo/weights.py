@@ -71,6 +71,7 @@ def save_tensors(tensors: dict[str, Any], path: str, metadata: dict[str, str] | 
     st = require("safetensors.torch")
     tmp = path + ".tmp"
     st.save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     return file_sha256(path)
 
