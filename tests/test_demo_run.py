@@ -65,3 +65,11 @@ def test_bad_arguments() -> None:
         run_demo("unused", num_samples=3)
     with pytest.raises(TypeError, match="seed"):
         run_demo("unused", seed="0")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("argv", [["--num-samples", "3"], ["--steps", "0"], ["--threads", "0"]])
+def test_cli_rejects_bad_sizes(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert argv[0] in capsys.readouterr().err

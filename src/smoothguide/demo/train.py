@@ -62,9 +62,7 @@ _STATE_JSON = "state.json"
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser of the training script."""
-    p = argparse.ArgumentParser(
-        prog="python -m smoothguide.demo.train", description=__doc__.split("\n\n")[0]
-    )
+    p = argparse.ArgumentParser(prog="smoothguide train-demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=30000, help="diffusion optimizer steps")
     p.add_argument(
         "--max-minutes",
