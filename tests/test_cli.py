@@ -37,4 +37,5 @@ def test_module_entry_point() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "smoothguide", "--help"], capture_output=True, text=True, check=True
     )
-    assert "energy" in out.stdout and "demo" in out.stdout
+    assert "energy" in out.stdout
+    assert "demo" in out.stdout
