@@ -45,6 +45,16 @@ def dit_layers(model: torch.nn.Module) -> dict[str, LayerSpec]:
     -------
     dict
         Module name -> :class:`~smoothguide.torch.LayerSpec` (image tokens).
+
+    Examples
+    --------
+    >>> model = diffusers.DiTTransformer2DModel(
+    ...     num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+    ...     num_layers=3, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+    >>> dit_layers(model)  # doctest: +NORMALIZE_WHITESPACE
+    {'transformer_blocks.0.attn1': LayerSpec(layout=ImageTokens()),
+     'transformer_blocks.1.attn1': LayerSpec(layout=ImageTokens()),
+     'transformer_blocks.2.attn1': LayerSpec(layout=ImageTokens())}
     """
     return {
         f"transformer_blocks.{i}.attn1": LayerSpec(ImageTokens())
@@ -53,7 +63,30 @@ def dit_layers(model: torch.nn.Module) -> dict[str, LayerSpec]:
 
 
 def dit_presets(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
-    """Presets ``"early"``, ``"mid"``, ``"late"``, ``"all"`` and ``"block.<i>"``."""
+    """Presets ``"early"``, ``"mid"``, ``"late"``, ``"all"`` and ``"block.<i>"``.
+
+    Parameters
+    ----------
+    model
+        A ``PixArtTransformer2DModel`` or ``DiTTransformer2DModel``.
+
+    Returns
+    -------
+    dict
+        Preset name -> module names of :func:`dit_layers` (thirds by depth, every
+        block, one block).
+
+    Examples
+    --------
+    >>> model = diffusers.DiTTransformer2DModel(
+    ...     num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+    ...     num_layers=3, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+    >>> presets = dit_presets(model)
+    >>> list(presets)
+    ['all', 'early', 'mid', 'late', 'block.0', 'block.1', 'block.2']
+    >>> presets["mid"]
+    ('transformer_blocks.1.attn1',)
+    """
     names = tuple(dit_layers(model))
     presets = {"all": names, **thirds(names)}
     presets.update({f"block.{i}": (name,) for i, name in enumerate(names)})
@@ -71,6 +104,16 @@ def dit_geometry(model: torch.nn.Module) -> GeometryFn:
     Returns
     -------
     GeometryFn
+        Maps a call's ``(args, kwargs)`` to its :class:`~smoothguide.torch.Geometry`.
+
+    Examples
+    --------
+    >>> model = diffusers.DiTTransformer2DModel(
+    ...     num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+    ...     num_layers=3, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+    >>> geometry = dit_geometry(model)  # patch size 2
+    >>> geometry((), {"hidden_states": torch.zeros(2, 4, 8, 12)})
+    Geometry(batch=2, height=4, width=6, frames=1, tokens=24)
     """
     patch = int(getattr(model, "config").patch_size)  # noqa: B009
 

@@ -70,13 +70,53 @@ def flux_layers(model: torch.nn.Module) -> dict[str, LayerSpec]:
     -------
     dict
         Module name -> :class:`~smoothguide.torch.LayerSpec`.
+
+    Examples
+    --------
+    >>> model = diffusers.FluxTransformer2DModel(
+    ...     patch_size=1, in_channels=4, num_layers=2, num_single_layers=3,
+    ...     attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+    ...     pooled_projection_dim=8, axes_dims_rope=[4, 4, 8])
+    >>> layers = flux_layers(model)
+    >>> list(layers)  # doctest: +NORMALIZE_WHITESPACE
+    ['transformer_blocks.0.attn', 'transformer_blocks.1.attn',
+     'single_transformer_blocks.0.attn', 'single_transformer_blocks.1.attn',
+     'single_transformer_blocks.2.attn']
+    >>> layers["transformer_blocks.0.attn"]
+    LayerSpec(layout=JointTokens(text='prefix'))
     """
     spec = LayerSpec(JointTokens("prefix"))
     return {name: spec for name in (*_double(model), *_single(model))}
 
 
 def flux_presets(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
-    """Presets ``"double"``, ``"single"``, their ``.early/.mid/.late`` thirds and single blocks."""
+    """Presets ``"double"``, ``"single"``, their ``.early/.mid/.late`` thirds and single blocks.
+
+    Parameters
+    ----------
+    model
+        A ``FluxTransformer2DModel``.
+
+    Returns
+    -------
+    dict
+        Preset name -> module names of :func:`flux_layers`.
+
+    Examples
+    --------
+    >>> model = diffusers.FluxTransformer2DModel(
+    ...     patch_size=1, in_channels=4, num_layers=2, num_single_layers=3,
+    ...     attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+    ...     pooled_projection_dim=8, axes_dims_rope=[4, 4, 8])
+    >>> presets = flux_presets(model)
+    >>> list(presets)  # doctest: +NORMALIZE_WHITESPACE
+    ['double', 'single', 'double.early', 'double.mid', 'double.late', 'single.early',
+     'single.mid', 'single.late', 'double.0', 'double.1', 'single.0', 'single.1', 'single.2']
+    >>> presets["double.mid"]  # fewer than 3 blocks: "mid" is all of them
+    ('transformer_blocks.0.attn', 'transformer_blocks.1.attn')
+    >>> presets["single.mid"]
+    ('single_transformer_blocks.1.attn',)
+    """
     double, single = _double(model), _single(model)
     presets = {"double": double, "single": single}
     presets.update(thirds(double, "double."))
@@ -151,6 +191,19 @@ def flux_geometry(model: torch.nn.Module) -> GeometryFn:
     Returns
     -------
     GeometryFn
+        Maps a call's ``(args, kwargs)`` to its :class:`~smoothguide.torch.Geometry`.
+
+    Examples
+    --------
+    >>> model = diffusers.FluxTransformer2DModel(
+    ...     patch_size=1, in_channels=4, num_layers=2, num_single_layers=3,
+    ...     attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+    ...     pooled_projection_dim=8, axes_dims_rope=[4, 4, 8])
+    >>> rows, cols = torch.meshgrid(torch.arange(2), torch.arange(3), indexing="ij")
+    >>> ids = torch.stack([torch.zeros(2, 3), rows, cols], -1).reshape(6, 3)
+    >>> geometry = flux_geometry(model)
+    >>> geometry((), {"hidden_states": torch.zeros(1, 6, 4), "img_ids": ids})
+    Geometry(batch=1, height=2, width=3, frames=1, tokens=6)
     """
 
     def geometry(args: tuple[Any, ...], kwargs: Any) -> Geometry:

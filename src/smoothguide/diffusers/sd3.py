@@ -56,6 +56,18 @@ def sd3_layers(model: torch.nn.Module) -> dict[str, LayerSpec]:
     -------
     dict
         Module name -> :class:`~smoothguide.torch.LayerSpec`.
+
+    Examples
+    --------
+    >>> model = diffusers.SD3Transformer2DModel(
+    ...     sample_size=32, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
+    ...     num_attention_heads=2, caption_projection_dim=16, joint_attention_dim=16,
+    ...     pooled_projection_dim=8, out_channels=4, dual_attention_layers=(0,))
+    >>> sd3_layers(model)  # doctest: +NORMALIZE_WHITESPACE
+    {'transformer_blocks.0.attn': LayerSpec(layout=JointTokens(text='suffix')),
+     'transformer_blocks.0.attn2': LayerSpec(layout=ImageTokens()),
+     'transformer_blocks.1.attn': LayerSpec(layout=JointTokens(text='suffix')),
+     'transformer_blocks.2.attn': LayerSpec(layout=JointTokens(text='suffix'))}
     """
     layers: dict[str, LayerSpec] = {}
     for i, block in enumerate(getattr(model, "transformer_blocks")):  # noqa: B009
@@ -66,7 +78,32 @@ def sd3_layers(model: torch.nn.Module) -> dict[str, LayerSpec]:
 
 
 def sd3_presets(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
-    """Presets ``"early"``, ``"mid"``, ``"late"``, ``"joint"``, ``"dual"``, ``"block.<i>"``."""
+    """Presets ``"early"``, ``"mid"``, ``"late"``, ``"joint"``, ``"dual"``, ``"block.<i>"``.
+
+    Parameters
+    ----------
+    model
+        An ``SD3Transformer2DModel``.
+
+    Returns
+    -------
+    dict
+        Preset name -> module names of :func:`sd3_layers`.
+
+    Examples
+    --------
+    >>> model = diffusers.SD3Transformer2DModel(
+    ...     sample_size=32, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
+    ...     num_attention_heads=2, caption_projection_dim=16, joint_attention_dim=16,
+    ...     pooled_projection_dim=8, out_channels=4, dual_attention_layers=(0,))
+    >>> presets = sd3_presets(model)
+    >>> list(presets)
+    ['joint', 'early', 'mid', 'late', 'dual', 'block.0', 'block.1', 'block.2']
+    >>> presets["mid"], presets["dual"]
+    (('transformer_blocks.1.attn',), ('transformer_blocks.0.attn2',))
+    >>> presets["block.0"]
+    ('transformer_blocks.0.attn', 'transformer_blocks.0.attn2')
+    """
     n = len(getattr(model, "transformer_blocks"))  # noqa: B009
     joint = tuple(f"transformer_blocks.{i}.attn" for i in range(n))
     names = sd3_layers(model)
@@ -90,6 +127,17 @@ def sd3_geometry(model: torch.nn.Module) -> GeometryFn:
     Returns
     -------
     GeometryFn
+        Maps a call's ``(args, kwargs)`` to its :class:`~smoothguide.torch.Geometry`.
+
+    Examples
+    --------
+    >>> model = diffusers.SD3Transformer2DModel(
+    ...     sample_size=32, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
+    ...     num_attention_heads=2, caption_projection_dim=16, joint_attention_dim=16,
+    ...     pooled_projection_dim=8, out_channels=4, dual_attention_layers=(0,))
+    >>> geometry = sd3_geometry(model)  # patch size 2
+    >>> geometry((torch.zeros(1, 4, 16, 24),), {})
+    Geometry(batch=1, height=8, width=12, frames=1, tokens=96)
     """
     patch = int(getattr(model, "config").patch_size)  # noqa: B009
 

@@ -75,6 +75,23 @@ def video_layers(model: torch.nn.Module) -> dict[str, LayerSpec]:
     dict
         Module name -> :class:`~smoothguide.torch.LayerSpec`: :class:`VideoTokens`, or
         ``JointTokens("prefix")`` for CogVideoX's text + video attention.
+
+    Examples
+    --------
+    >>> model = diffusers.WanTransformer3DModel(
+    ...     patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+    ...     out_channels=4, text_dim=16, freq_dim=16, ffn_dim=16, num_layers=2,
+    ...     rope_max_seq_len=32)
+    >>> video_layers(model)  # doctest: +NORMALIZE_WHITESPACE
+    {'blocks.0.attn1': LayerSpec(layout=VideoTokens()),
+     'blocks.1.attn1': LayerSpec(layout=VideoTokens())}
+    >>> model = diffusers.CogVideoXTransformer3DModel(
+    ...     num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+    ...     time_embed_dim=2, text_embed_dim=16, num_layers=2, sample_width=10,
+    ...     sample_height=4, sample_frames=9, patch_size=2, max_text_seq_length=6)
+    >>> video_layers(model)  # doctest: +NORMALIZE_WHITESPACE
+    {'transformer_blocks.0.attn1': LayerSpec(layout=JointTokens(text='prefix')),
+     'transformer_blocks.1.attn1': LayerSpec(layout=JointTokens(text='prefix'))}
     """
     stack, blocks = _stack(model)
     joint = isinstance(model, diffusers.CogVideoXTransformer3DModel)
@@ -83,7 +100,30 @@ def video_layers(model: torch.nn.Module) -> dict[str, LayerSpec]:
 
 
 def video_presets(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
-    """Presets ``"early"``, ``"mid"``, ``"late"``, ``"all"`` and ``"block.<i>"``."""
+    """Presets ``"early"``, ``"mid"``, ``"late"``, ``"all"`` and ``"block.<i>"``.
+
+    Parameters
+    ----------
+    model
+        ``LTXVideoTransformer3DModel``, ``WanTransformer3DModel`` or
+        ``CogVideoXTransformer3DModel``.
+
+    Returns
+    -------
+    dict
+        Preset name -> module names of :func:`video_layers`.
+
+    Examples
+    --------
+    >>> model = diffusers.LTXVideoTransformer3DModel(
+    ...     in_channels=4, out_channels=4, patch_size=1, patch_size_t=1, num_attention_heads=2,
+    ...     attention_head_dim=8, cross_attention_dim=16, num_layers=3, caption_channels=16)
+    >>> presets = video_presets(model)
+    >>> list(presets)
+    ['all', 'early', 'mid', 'late', 'block.0', 'block.1', 'block.2']
+    >>> presets["late"]
+    ('transformer_blocks.2.attn1',)
+    """
     names = tuple(video_layers(model))
     presets = {"all": names, **thirds(names)}
     presets.update({f"block.{i}": (name,) for i, name in enumerate(names)})
@@ -101,6 +141,17 @@ def ltx_geometry(model: torch.nn.Module) -> GeometryFn:
     Returns
     -------
     GeometryFn
+        Maps a call's ``(args, kwargs)`` to its :class:`~smoothguide.torch.Geometry`.
+
+    Examples
+    --------
+    >>> model = diffusers.LTXVideoTransformer3DModel(
+    ...     in_channels=4, out_channels=4, patch_size=1, patch_size_t=1, num_attention_heads=2,
+    ...     attention_head_dim=8, cross_attention_dim=16, num_layers=3, caption_channels=16)
+    >>> geometry = ltx_geometry(model)
+    >>> x = torch.zeros(1, 2 * 3 * 4, 4)  # 2 frames of 3 x 4 packed latent tokens
+    >>> geometry((), {"hidden_states": x, "num_frames": 2, "height": 3, "width": 4})
+    Geometry(batch=1, height=3, width=4, frames=2, tokens=12)
     """
 
     def geometry(args: tuple[Any, ...], kwargs: Any) -> Geometry:
@@ -138,6 +189,17 @@ def wan_geometry(model: torch.nn.Module) -> GeometryFn:
     Returns
     -------
     GeometryFn
+        Maps a call's ``(args, kwargs)`` to its :class:`~smoothguide.torch.Geometry`.
+
+    Examples
+    --------
+    >>> model = diffusers.WanTransformer3DModel(
+    ...     patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+    ...     out_channels=4, text_dim=16, freq_dim=16, ffn_dim=16, num_layers=2,
+    ...     rope_max_seq_len=32)
+    >>> geometry = wan_geometry(model)  # patch size (1, 2, 2)
+    >>> geometry((torch.zeros(2, 4, 3, 8, 12),), {})
+    Geometry(batch=2, height=4, width=6, frames=3, tokens=24)
     """
     p_t, p_h, p_w = (int(p) for p in getattr(model, "config").patch_size)  # noqa: B009
 
@@ -164,6 +226,17 @@ def cogvideox_geometry(model: torch.nn.Module) -> GeometryFn:
     Returns
     -------
     GeometryFn
+        Maps a call's ``(args, kwargs)`` to its :class:`~smoothguide.torch.Geometry`.
+
+    Examples
+    --------
+    >>> model = diffusers.CogVideoXTransformer3DModel(
+    ...     num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+    ...     time_embed_dim=2, text_embed_dim=16, num_layers=2, sample_width=10,
+    ...     sample_height=4, sample_frames=9, patch_size=2, max_text_seq_length=6)
+    >>> geometry = cogvideox_geometry(model)  # patch size 2, no temporal patch
+    >>> geometry((torch.zeros(1, 3, 4, 8, 12),), {})  # (B, F, C, H, W)
+    Geometry(batch=1, height=4, width=6, frames=3, tokens=24)
     """
     config = getattr(model, "config")  # noqa: B009
     p, p_t = int(config.patch_size), int(config.patch_size_t or 1)
