@@ -105,6 +105,16 @@ def load_tensors(path: str, expected_sha256: str | None = None) -> dict[str, Any
 def load_config(weights_dir: str | None = None) -> dict[str, Any]:
     """Read ``config.json`` of a weights directory (default: the shipped weights).
 
+    Parameters
+    ----------
+    weights_dir
+        Folder holding ``config.json``; default the shipped weights.
+
+    Returns
+    -------
+    dict
+        The parsed configuration (model configs, file hashes, provenance).
+
     Examples
     --------
     >>> cfg = load_config()
@@ -136,8 +146,49 @@ def _load_module(module: Any, tensors: dict[str, Any], path: str) -> Any:
     return module.eval().requires_grad_(False)
 
 
+def _expected_sha256(cfg: dict[str, Any], name: str, d: str) -> str:
+    try:
+        digest = cfg["files"][name]["sha256"]
+    except (KeyError, TypeError):
+        raise WeightsError(
+            f"{os.path.join(d, CONFIG_FILE)} lacks files[{name!r}]['sha256']"
+        ) from None
+    if not isinstance(digest, str):
+        raise WeightsError(
+            f"{os.path.join(d, CONFIG_FILE)}: files[{name!r}]['sha256'] is not a string"
+        )
+    return digest
+
+
+def _build(factory: Any, fields: Any, key: str, d: str) -> Any:
+    """``factory(**fields)``, with a WeightsError naming config.json for bad fields."""
+    if not isinstance(fields, dict):
+        raise WeightsError(f"{os.path.join(d, CONFIG_FILE)}: {key!r} must be an object")
+    try:
+        return factory(**fields)
+    except (TypeError, ValueError) as exc:
+        raise WeightsError(f"{os.path.join(d, CONFIG_FILE)}: bad {key!r} entry: {exc}") from exc
+
+
 def load_denoiser(weights_dir: str | None = None, *, device: Any = "cpu") -> DemoDenoiser:
     """Load the shipped (or a given directory's) DiT as a :class:`DemoDenoiser` in eval mode.
+
+    Parameters
+    ----------
+    weights_dir
+        Folder with ``config.json`` and ``dit.safetensors``; default the shipped weights.
+    device
+        Torch device to put the model on.
+
+    Returns
+    -------
+    DemoDenoiser
+        In eval mode, gradients off.
+
+    Raises
+    ------
+    WeightsError
+        Missing, damaged (hash mismatch, truncated) or inconsistent files.
 
     Examples
     --------
@@ -148,13 +199,25 @@ def load_denoiser(weights_dir: str | None = None, *, device: Any = "cpu") -> Dem
     d = weights_dir or WEIGHTS_DIR
     cfg = load_config(d)
     path = os.path.join(d, DIT_FILE)
-    tensors = load_tensors(path, cfg["files"][DIT_FILE]["sha256"])
-    model = _load_module(DemoDiT(DiTConfig(**cfg["dit"])), tensors, path)
-    return DemoDenoiser(model).to(device)
+    tensors = load_tensors(path, _expected_sha256(cfg, DIT_FILE, d))
+    model = _load_module(DemoDiT(_build(DiTConfig, cfg["dit"], "dit", d)), tensors, path)
+    return DemoDenoiser(model).to(device).eval()
 
 
 def load_classifier(weights_dir: str | None = None, *, device: Any = "cpu") -> DemoClassifier:
     """Load the shipped (or a given directory's) feature network in eval mode.
+
+    Parameters
+    ----------
+    weights_dir
+        Folder with ``config.json`` and ``classifier.safetensors``; default the shipped weights.
+    device
+        Torch device to put the network on.
+
+    Returns
+    -------
+    DemoClassifier
+        In eval mode, gradients off.
 
     Examples
     --------
@@ -164,6 +227,7 @@ def load_classifier(weights_dir: str | None = None, *, device: Any = "cpu") -> D
     d = weights_dir or WEIGHTS_DIR
     cfg = load_config(d)
     path = os.path.join(d, CLASSIFIER_FILE)
-    tensors = load_tensors(path, cfg["files"][CLASSIFIER_FILE]["sha256"])
-    net = _load_module(DemoClassifier(ClassifierConfig(**cfg["classifier"])), tensors, path)
+    tensors = load_tensors(path, _expected_sha256(cfg, CLASSIFIER_FILE, d))
+    config = _build(ClassifierConfig, cfg["classifier"], "classifier", d)
+    net = _load_module(DemoClassifier(config), tensors, path)
     return net.to(device)
