@@ -131,6 +131,16 @@ class DemoData:
         SHA-256 of that file.
     seed
         The split seed.
+
+    Examples
+    --------
+    Normally returned by :func:`load_demo_data`; a frozen dataclass:
+
+    >>> x = np.zeros((2, 1, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
+    >>> y = np.array([3, 7])
+    >>> d = DemoData(x, y, x[:1], y[:1], source="mnist_5k.csv.gz", source_sha256="0" * 64, seed=0)
+    >>> d.train_images.shape, d.test_labels.tolist()
+    ((2, 1, 16, 16), [3])
     """
 
     train_images: npt.NDArray[np.float32]

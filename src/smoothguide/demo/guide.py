@@ -26,6 +26,24 @@ DEFAULT_LAYERS = "all"
 def layer_presets(depth: int) -> dict[str, tuple[str, ...]]:
     """Named groups of the DiT's attention layers: all, early, middle, late.
 
+    With ``mid = depth // 2``: ``early`` is blocks ``0 .. mid-1``, ``middle`` is
+    block ``mid`` and ``late`` is blocks ``mid+1 .. depth-1``.
+
+    Parameters
+    ----------
+    depth
+        Number of DiT blocks, ``>= 3``.
+
+    Returns
+    -------
+    dict of str to tuple of str
+        Preset name -> module names ``blocks.{i}.attn``.
+
+    Raises
+    ------
+    ValueError
+        If ``depth`` is not an int ``>= 3``.
+
     Examples
     --------
     >>> layer_presets(5)["middle"]
@@ -52,6 +70,19 @@ def demo_patcher(denoiser: DemoDenoiser, default: Any = DEFAULT_LAYERS) -> Atten
     (``blocks.0.attn`` ...), with the presets of :func:`layer_presets`; the
     8x8 token grid comes from the 16x16 input at each call.
 
+    Parameters
+    ----------
+    denoiser
+        The :class:`~smoothguide.demo.model.DemoDenoiser` whose ``model`` is patched.
+    default
+        Layers used by rules that name none: a preset name of :func:`layer_presets`
+        or module names (default :data:`DEFAULT_LAYERS`, ``"all"``).
+
+    Returns
+    -------
+    smoothguide.torch.AttentionPatcher
+        The perturber to pass to :class:`~smoothguide.sampling.GuidedDenoiser`.
+
     Examples
     --------
     >>> from smoothguide.demo.model import DemoDiT, DiTConfig
@@ -65,6 +96,20 @@ def demo_patcher(denoiser: DemoDenoiser, default: Any = DEFAULT_LAYERS) -> Atten
 
 def demo_sigmas(steps: int) -> list[float]:
     """Karras noise levels over the trained range, ``steps`` denoiser calls.
+
+    :func:`smoothguide.sampling.karras_sigmas` (Karras et al. 2022, EDM Eq. 5, rho = 7) from
+    :data:`~smoothguide.demo.model.SIGMA_MAX` down to
+    :data:`~smoothguide.demo.model.SIGMA_MIN`, with a final 0 appended.
+
+    Parameters
+    ----------
+    steps
+        Number of sampler steps (denoiser calls), ``>= 1``.
+
+    Returns
+    -------
+    list of float
+        ``steps + 1`` decreasing noise levels, ``80.0`` first and ``0.0`` last.
 
     Examples
     --------
@@ -110,6 +155,20 @@ def guided_sample(
     -------
     torch.Tensor
         Samples of shape ``(batch, 1, 16, 16)``, clamped to ``[-1, 1]``.
+
+    Examples
+    --------
+    A tiny untrained DiT (its zero-initialised output layer predicts ``eps = 0``):
+
+    >>> from smoothguide.demo.model import DemoDiT, DiTConfig
+    >>> from smoothguide.rules import SEG
+    >>> den = DemoDenoiser(DemoDiT(DiTConfig(hidden=32, depth=3, heads=2)))
+    >>> noise = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    >>> x = guided_sample(den, None, labels=[3, NULL_CLASS], noise=noise, steps=2)
+    >>> x.shape, bool(x.abs().max() <= 1)
+    (torch.Size([2, 1, 16, 16]), True)
+    >>> guided_sample(den, SEG(1.0, sigma=2.0), labels=[3, 3], noise=noise, steps=2).shape
+    torch.Size([2, 1, 16, 16])
     """
     sigmas = demo_sigmas(steps)
     device = noise.device

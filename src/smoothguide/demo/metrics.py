@@ -34,6 +34,26 @@ def gaussian_stats(
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """Mean and (unbiased) covariance of features of shape ``(n, d)``, ``n >= 2``.
 
+    ``mu = mean_i f_i`` and ``S = sum_i (f_i - mu)(f_i - mu)^T / (n - 1)``
+    (:func:`numpy.cov`).
+
+    Parameters
+    ----------
+    features
+        Array-like of shape ``(n, d)`` with ``n >= 2``.
+
+    Returns
+    -------
+    mu : numpy.ndarray
+        Float64 mean of shape ``(d,)``.
+    cov : numpy.ndarray
+        Float64 covariance of shape ``(d, d)``.
+
+    Raises
+    ------
+    ValueError
+        If ``features`` is not 2-D with at least two rows.
+
     Examples
     --------
     >>> mu, cov = gaussian_stats([[0.0, 1.0], [2.0, 3.0]])
@@ -92,10 +112,34 @@ def frechet_distance(features_a: npt.ArrayLike, features_b: npt.ArrayLike) -> fl
 def embed(classifier: Any, images: Any, batch_size: int = 500) -> tuple[Any, Any]:
     """Features and softmax probabilities of ``images`` (``(n, 1, 16, 16)`` in ``[-1, 1]``).
 
+    Features are ``classifier.embed(x)`` (the penultimate layer used by
+    :func:`frechet_distance`), probabilities ``softmax(classifier.head(features))``;
+    evaluated without gradients in batches on the classifier's device.
+
+    Parameters
+    ----------
+    classifier
+        A :class:`~smoothguide.demo.model.DemoClassifier` (anything with ``embed``,
+        ``head`` and ``parameters``), normally in eval mode.
+    images
+        Array or tensor of shape ``(n, 1, 16, 16)``.
+    batch_size
+        Images per forward pass.
+
     Returns
     -------
     tuple of numpy.ndarray
         ``(features (n, d), probabilities (n, classes))``, float64.
+
+    Examples
+    --------
+    >>> from smoothguide.demo.model import ClassifierConfig, DemoClassifier
+    >>> net = DemoClassifier(ClassifierConfig(width=4, features=8)).eval()
+    >>> feats, probs = embed(net, np.zeros((3, 1, 16, 16)), batch_size=2)
+    >>> feats.shape, probs.shape, feats.dtype
+    ((3, 8), (3, 10), dtype('float64'))
+    >>> bool(np.allclose(probs.sum(axis=1), 1.0))
+    True
     """
     x = torch.as_tensor(images, dtype=torch.float32)
     device = next(classifier.parameters()).device
@@ -112,6 +156,26 @@ def classifier_scores(
     probabilities: npt.ArrayLike, labels: npt.ArrayLike | None = None
 ) -> dict[str, float]:
     """Mean top-class confidence, and accuracy against ``labels`` when given.
+
+    ``confidence = mean_i max_c p_ic`` and ``accuracy = mean_i [argmax_c p_ic = y_i]``,
+    both rounded to 10 decimals.
+
+    Parameters
+    ----------
+    probabilities
+        Class probabilities of shape ``(n, classes)`` (e.g. from :func:`embed`).
+    labels
+        Optional intended classes of shape ``(n,)``.
+
+    Returns
+    -------
+    dict of str to float
+        ``{"confidence": ...}``, plus ``"accuracy"`` when ``labels`` is given.
+
+    Raises
+    ------
+    ValueError
+        If ``labels`` does not have shape ``(n,)``.
 
     Examples
     --------
@@ -131,6 +195,26 @@ def classifier_scores(
 def deviation(images: npt.ArrayLike, reference: npt.ArrayLike) -> float:
     """Mean over images of the RMS pixel difference to the reference of the same seed.
 
+    ``mean_i sqrt(mean_pixels (x_i - r_i)^2)``: how far guidance moves each sample
+    from the unguided sample of the same noise (the demo's stand-in for LPIPS).
+
+    Parameters
+    ----------
+    images
+        Array of shape ``(n, ...)``.
+    reference
+        Array of the same shape, e.g. the unguided samples of the same seeds.
+
+    Returns
+    -------
+    float
+        The mean RMS difference (0 for identical arrays).
+
+    Raises
+    ------
+    ValueError
+        If the shapes differ.
+
     Examples
     --------
     >>> deviation(np.zeros((2, 1, 2, 2)), np.stack([np.zeros((1, 2, 2)), np.ones((1, 2, 2))]))
@@ -146,6 +230,18 @@ def deviation(images: npt.ArrayLike, reference: npt.ArrayLike) -> float:
 
 def mean_intensity(images: npt.ArrayLike) -> float:
     """Mean ink of images in ``[-1, 1]``, mapped to ``[0, 1]`` (0 = black background).
+
+    ``mean((clip(x, -1, 1) + 1) / 2)`` over all pixels and images.
+
+    Parameters
+    ----------
+    images
+        Array-like with values in ``[-1, 1]`` (values outside are clipped).
+
+    Returns
+    -------
+    float
+        Mean intensity in ``[0, 1]``.
 
     Examples
     --------

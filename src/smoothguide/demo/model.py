@@ -50,6 +50,20 @@ SIGMA_MAX = 80.0
 def t_to_sigma(t: Any) -> Any:
     """VE noise level of cosine-schedule time ``t`` in ``[0, 1)``: ``tan(pi t / 2)``.
 
+    With ``alpha_bar(t) = cos(pi t / 2)^2`` the VE level is
+    ``sigma = sqrt((1 - alpha_bar) / alpha_bar) = tan(pi t / 2)``; inverse of
+    :func:`sigma_to_t`.
+
+    Parameters
+    ----------
+    t
+        Tensor of schedule times.
+
+    Returns
+    -------
+    torch.Tensor
+        Noise levels ``sigma >= 0``, same shape as ``t``.
+
     Examples
     --------
     >>> float(t_to_sigma(torch.tensor(0.5)))
@@ -60,6 +74,18 @@ def t_to_sigma(t: Any) -> Any:
 
 def sigma_to_t(sigma: Any) -> Any:
     """Cosine-schedule time of VE noise level ``sigma``: ``2 atan(sigma) / pi``.
+
+    Inverse of :func:`t_to_sigma`.
+
+    Parameters
+    ----------
+    sigma
+        Tensor of VE noise levels ``>= 0``.
+
+    Returns
+    -------
+    torch.Tensor
+        Times in ``[0, 1)``, same shape as ``sigma``.
 
     Examples
     --------
@@ -73,10 +99,31 @@ def sigma_to_t(sigma: Any) -> Any:
 class DiTConfig:
     """Hyper-parameters of :class:`DemoDiT`.
 
+    Parameters
+    ----------
+    image_size
+        Side of the square input images.
+    channels
+        Image channels.
+    patch
+        Patch side; the token grid is ``image_size // patch`` squared.
+    hidden
+        Token width, a multiple of ``heads`` and of 4 (2-D sin-cos position embedding).
+    depth
+        Number of transformer blocks.
+    heads
+        Attention heads per block.
+    mlp_ratio
+        MLP width as a multiple of ``hidden``.
+    num_classes
+        Number of real classes; the null class :data:`NULL_CLASS` is one more.
+
     Examples
     --------
     >>> DiTConfig().tokens
     64
+    >>> DiTConfig(hidden=32, depth=3, heads=2).to_dict()["depth"]
+    3
     """
 
     image_size: int = 16
@@ -197,6 +244,13 @@ class DemoDiT(torch.nn.Module):
     ``forward(x_t, t, class_labels)`` takes the VP-scaled noisy image
     ``x_t = cos(pi t/2) x0 + sin(pi t/2) eps``, times ``t`` of shape ``(batch,)`` and
     integer labels ``0..9`` or :data:`NULL_CLASS`, and predicts ``eps``.
+    The output projections (final layer and every adaLN-Zero modulation) are
+    zero-initialised, so an untrained model predicts ``eps = 0``.
+
+    Parameters
+    ----------
+    config
+        Architecture (default ``DiTConfig()``).
 
     Examples
     --------
@@ -254,6 +308,22 @@ class DemoDenoiser(torch.nn.Module):
     ``class_labels`` holds digits ``0..9`` or :data:`NULL_CLASS` for the
     unconditional branch (an int is broadcast over the batch).
 
+    The estimate is ``x0 = x - sigma * eps_theta(x / sqrt(1 + sigma^2), t(sigma), y)``
+    with ``t(sigma) = 2 atan(sigma) / pi`` (:func:`sigma_to_t`): the VE input
+    rescaled to the VP input the DiT was trained on.
+
+    Parameters
+    ----------
+    model
+        The epsilon-prediction :class:`DemoDiT`.
+
+    Attributes
+    ----------
+    sigma_min, sigma_max
+        The trained noise range, :data:`SIGMA_MIN` and :data:`SIGMA_MAX`.
+    null_class
+        :data:`NULL_CLASS`.
+
     Examples
     --------
     >>> den = DemoDenoiser(DemoDiT(DiTConfig(hidden=32, depth=1, heads=2)))
@@ -297,7 +367,22 @@ class DemoDenoiser(torch.nn.Module):
 
 @dataclass(frozen=True)
 class ClassifierConfig:
-    """Hyper-parameters of :class:`DemoClassifier`."""
+    """Hyper-parameters of :class:`DemoClassifier`.
+
+    Parameters
+    ----------
+    width
+        Channels of the first two convolutions (the last two have ``2 * width``).
+    features
+        Width of the penultimate (feature) layer used by the metrics.
+    num_classes
+        Number of output classes.
+
+    Examples
+    --------
+    >>> ClassifierConfig(width=4, features=8).to_dict()
+    {'width': 4, 'features': 8, 'num_classes': 10}
+    """
 
     width: int = 32
     features: int = 128
@@ -313,6 +398,15 @@ class DemoClassifier(torch.nn.Module):
 
     ``forward`` returns class logits, :meth:`embed` the penultimate features used
     for the Fréchet distance.
+
+    Architecture: two blocks of two 3x3 convolutions + ReLU and a 2x2 max-pool
+    (16x16 -> 4x4), a linear layer to ``features`` + ReLU, dropout 0.3 (in
+    ``forward`` only) and a linear head.
+
+    Parameters
+    ----------
+    config
+        Architecture (default ``ClassifierConfig()``).
 
     Examples
     --------

@@ -38,6 +38,27 @@ def save_grid(
         Figure title.
     column_labels
         Optional label per column.
+
+    Returns
+    -------
+    None
+        The figure is written to ``path``.
+
+    Raises
+    ------
+    ValueError
+        If ``rows`` is empty or its images differ in shape.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> rows = [("zeros", np.zeros((3, 1, 16, 16))), ("ones", np.ones((3, 1, 16, 16)))]
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     path = os.path.join(tmp, "grid.png")
+    ...     save_grid(path, rows, title="demo", column_labels=["a", "b", "c"])
+    ...     with open(path, "rb") as fh:
+    ...         fh.read(4)[1:]  # the PNG signature
+    b'PNG'
     """
     if not rows:
         raise ValueError("rows must not be empty")
@@ -95,6 +116,26 @@ def save_pareto(
         The unguided point (deviation 0), drawn as a star.
     title
         Figure title.
+
+    Returns
+    -------
+    None
+        The figure is written to ``path``.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> sweeps = {
+    ...     "SEG": [
+    ...         {"deviation": 0.1, "fd": 3.0, "confidence": 0.90, "label": "1"},
+    ...         {"deviation": 0.2, "fd": 2.5, "confidence": 0.95, "label": "∞"},
+    ...     ],
+    ... }
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     path = os.path.join(tmp, "pareto.png")
+    ...     save_pareto(path, sweeps, baseline={"fd": 4.0, "confidence": 0.8})
+    ...     os.path.getsize(path) > 0
+    True
     """
     fig = _figure(10, 4.2)
     axes = [fig.add_subplot(1, 2, i + 1) for i in range(2)]

@@ -58,6 +58,12 @@ class DemoSettings:
         CFG scale ``w``.
     sweep_sigmas, sweep_pag_scales
         The two Pareto sweeps.
+
+    Examples
+    --------
+    >>> s = DemoSettings(seg_scale=2.0)
+    >>> s.seg_scale, s.seg_sigmas
+    (2.0, (1.0, 2.0, 5.0, inf))
     """
 
     seg_scale: float = 1.0
@@ -87,6 +93,15 @@ class Method:
         ``"SEG"`` or ``"PAG"`` when the method is a point of a Pareto sweep.
     value
         The swept value (σ for SEG, scale for PAG).
+    key
+        Free-form tag, not used in comparisons (default ``""``).
+
+    Examples
+    --------
+    >>> from smoothguide.rules import SEG
+    >>> m = Method("uncond: SEG s=1 σ=2", False, SEG(1.0, sigma=2.0), sweep="SEG", value=2.0)
+    >>> m.grid, m.sweep, m.value
+    (True, 'SEG', 2.0)
     """
 
     name: str
@@ -107,11 +122,30 @@ def _sig(s: float | None) -> str:
 def methods(settings: DemoSettings, *, quick: bool = False) -> list[Method]:
     """The demo's methods: unconditional and class-conditional rows, then sweep-only points.
 
+    Unconditional: no guidance, PAG and SEG at each σ of ``settings.seg_sigmas``;
+    class-conditional: no guidance, CFG, SEG σ=∞, PAG + CFG and SEG σ=∞ + CFG;
+    then the remaining points of the two Pareto sweeps (``grid=False``).
+
+    Parameters
+    ----------
+    settings
+        Scales, σ values and layers.
+    quick
+        Only SEG σ ∈ {2, ∞} unconditionally, no class-conditional SEG / PAG + CFG
+        rows and no sweep-only points.
+
+    Returns
+    -------
+    list of Method
+        Grid rows first (unconditional, then class-conditional), then sweep-only points.
+
     Examples
     --------
     >>> names = [m.name for m in methods(DemoSettings(), quick=True)]
     >>> names[:2]
     ['uncond: none', 'uncond: PAG s=0.5']
+    >>> len(names), len(methods(DemoSettings()))
+    (7, 15)
     """
     s, lay = settings, settings.seg_layers
     out = [Method("uncond: none", False, None)]
@@ -247,7 +281,34 @@ def run_demo(
     Returns
     -------
     dict
-        The content of ``metrics.json``.
+        The content of ``metrics.json``: ``settings``, ``reference`` (real
+        train vs held-out digits), ``methods`` (one row of metrics per method)
+        and ``seconds_total``.
+
+    Raises
+    ------
+    ValueError
+        If ``num_samples < 10`` or ``steps < 1``.
+    smoothguide.demo.weights.WeightsError
+        If the weights are missing or damaged.
+
+    Examples
+    --------
+    With the shipped weights, ``run_demo("smoothguide-demo", quick=True)`` writes
+    the five files and returns the ``metrics.json`` content (about 20 s on 2 CPU
+    cores). Arguments are checked before anything is loaded, and a directory
+    without weights is reported as such:
+
+    >>> run_demo(num_samples=5)
+    Traceback (most recent call last):
+    ...
+    ValueError: num_samples must be >= 10, got 5
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     run_demo(os.path.join(tmp, "out"), weights_dir=tmp, progress=False)
+    Traceback (most recent call last):
+    ...
+    smoothguide.demo.weights.WeightsError: no demo weights at .../config.json; ...
     """
     if not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {seed!r}")
@@ -422,7 +483,20 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line parser of ``smoothguide demo`` / ``python -m smoothguide.demo``."""
+    """The command-line parser of ``smoothguide demo`` / ``python -m smoothguide.demo``.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        Options ``--out``, ``--quick``, ``--device``, ``--seed``, ``--num-samples``,
+        ``--steps``, ``--threads``, ``--weights-dir`` and ``--no-progress``.
+
+    Examples
+    --------
+    >>> args = build_parser().parse_args(["--quick", "--steps", "4"])
+    >>> args.quick, args.steps, args.num_samples, args.out
+    (True, 4, None, 'smoothguide-demo')
+    """
     p = argparse.ArgumentParser(
         prog="smoothguide demo",
         description="Compare SEG with no guidance, CFG and PAG on the embedded MNIST model.",
@@ -442,7 +516,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: parse ``argv`` and run :func:`run_demo`."""
+    """Entry point: parse ``argv`` and run :func:`run_demo`.
+
+    Parameters
+    ----------
+    argv
+        Command-line arguments (default ``sys.argv[1:]``); see :func:`build_parser`.
+
+    Returns
+    -------
+    int
+        The exit status, 0 after writing the files to ``--out``.
+
+    Raises
+    ------
+    SystemExit
+        Status 2 (with a usage message on stderr) for invalid options, e.g.
+        ``--num-samples`` below 10, ``--steps`` or ``--threads`` below 1.
+
+    Examples
+    --------
+    ``main(["--quick", "--out", "smoothguide-demo"])`` runs the quick demo on the
+    shipped weights. Options are checked first:
+
+    >>> main(["--num-samples", "5"])
+    Traceback (most recent call last):
+    ...
+    SystemExit: 2
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.num_samples is not None and args.num_samples < 10:

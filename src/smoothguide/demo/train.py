@@ -61,7 +61,19 @@ _STATE_JSON = "state.json"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line parser of the training script."""
+    """The command-line parser of the training script.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        The options of ``python -m smoothguide.demo.train`` (``--help`` lists them).
+
+    Examples
+    --------
+    >>> args = build_parser().parse_args(["--steps", "100", "--threads", "2"])
+    >>> args.steps, args.threads, args.depth, args.dtype
+    (100, 2, 5, 'float16')
+    """
     p = argparse.ArgumentParser(prog="smoothguide train-demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=30000, help="diffusion optimizer steps")
     p.add_argument(
@@ -295,7 +307,37 @@ def _export(out: str, ema: Any, clf: Any, meta: dict[str, Any], dtype: str) -> d
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the training job; returns the process exit code."""
+    """Run the training job; returns the process exit code.
+
+    Trains (or resumes) the classifier and the DiT, checkpointing to
+    ``--checkpoint-dir``, then exports the EMA weights, the classifier and
+    ``config.json`` to ``--out`` (see the module docstring).
+
+    Parameters
+    ----------
+    argv
+        Command-line arguments (default ``sys.argv[1:]``); see :func:`build_parser`.
+
+    Returns
+    -------
+    int
+        0 once the weights are exported.
+
+    Raises
+    ------
+    SystemExit
+        For invalid options (a count below 1), a checkpoint of another model
+        config, or ``--export-only`` without a checkpoint.
+
+    Examples
+    --------
+    Options are checked before anything is loaded or trained:
+
+    >>> main(["--steps", "0"])
+    Traceback (most recent call last):
+    ...
+    SystemExit: --steps must be >= 1
+    """
     args = build_parser().parse_args(argv)
     for name in (
         "steps",

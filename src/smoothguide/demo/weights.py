@@ -54,6 +54,18 @@ class WeightsError(RuntimeError):
 def file_sha256(path: str) -> str:
     """SHA-256 hex digest of a file.
 
+    The file is read in 1 MiB chunks (:func:`hashlib.sha256`).
+
+    Parameters
+    ----------
+    path
+        File to hash.
+
+    Returns
+    -------
+    str
+        The 64-character lowercase hex digest.
+
     Examples
     --------
     >>> len(file_sha256(__file__))
@@ -67,7 +79,36 @@ def file_sha256(path: str) -> str:
 
 
 def save_tensors(tensors: dict[str, Any], path: str, metadata: dict[str, str] | None = None) -> str:
-    """Save a dict of tensors as safetensors and return the file's SHA-256."""
+    """Save a dict of tensors as safetensors and return the file's SHA-256.
+
+    Tensors are detached, made contiguous and moved to the CPU; the file is
+    written to ``path + ".tmp"`` first, made world-readable (0644) and then
+    atomically renamed to ``path``.
+
+    Parameters
+    ----------
+    tensors
+        Name -> :class:`torch.Tensor` (e.g. a ``state_dict()``).
+    path
+        Output file.
+    metadata
+        Optional string metadata stored in the safetensors header.
+
+    Returns
+    -------
+    str
+        SHA-256 hex digest of the written file (:func:`file_sha256`).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> import torch
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     path = os.path.join(tmp, "t.safetensors")
+    ...     digest = save_tensors({"w": torch.ones(2, 3)}, path)
+    ...     digest == file_sha256(path)
+    True
+    """
     st = require("safetensors.torch")
     tmp = path + ".tmp"
     st.save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata)
@@ -79,11 +120,38 @@ def save_tensors(tensors: dict[str, Any], path: str, metadata: dict[str, str] | 
 def load_tensors(path: str, expected_sha256: str | None = None) -> dict[str, Any]:
     """Load a safetensors file, optionally checking its SHA-256 first.
 
+    Parameters
+    ----------
+    path
+        The ``.safetensors`` file.
+    expected_sha256
+        Hex digest the file must have (as recorded in ``config.json``); ``None``
+        skips the check.
+
+    Returns
+    -------
+    dict
+        Name -> :class:`torch.Tensor` on the CPU.
+
     Raises
     ------
     WeightsError
         If the file is missing, its hash differs from ``expected_sha256``, or it
         cannot be parsed as safetensors (truncated or corrupted).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> import torch
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     path = os.path.join(tmp, "t.safetensors")
+    ...     digest = save_tensors({"w": torch.arange(3.0)}, path)
+    ...     load_tensors(path, expected_sha256=digest)
+    {'w': tensor([0., 1., 2.])}
+    >>> load_tensors("missing.safetensors")
+    Traceback (most recent call last):
+    ...
+    smoothguide.demo.weights.WeightsError: weight file not found: missing.safetensors
     """
     if not os.path.exists(path):
         raise WeightsError(f"weight file not found: {path}")
