@@ -101,3 +101,15 @@ def test_training_resumes_bit_exactly(tmp_path: Path) -> None:
     assert cfg["files"][DIT_FILE]["sha256"] == _sha256(tmp_path / "out_b" / DIT_FILE)
     den = load_denoiser(str(tmp_path / "out_b"))
     assert den.model.config.depth == 3
+
+
+def test_max_minutes_counts_from_the_start_across_checkpoints(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ticks = iter(range(10**6))  # a fake clock: one second per reading
+    monkeypatch.setattr(train, "_clock", lambda: float(next(ticks)))
+    args = [*_tiny_args(tmp_path, 60, "c", "out_c"), "--max-minutes", str(12 / 60)]
+    assert train.main(args) == 0
+    steps = load_config(str(tmp_path / "out_c"))["training"]["steps"]
+    # checkpoints every 2 steps must not restart the 12 s budget; each step reads the clock once
+    assert 1 <= steps <= 12

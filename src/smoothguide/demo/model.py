@@ -110,7 +110,7 @@ class DiTConfig:
     hidden
         Token width, a multiple of ``heads`` and of 4 (2-D sin-cos position embedding).
     depth
-        Number of transformer blocks.
+        Number of transformer blocks (the shipped model has the defaults: 5).
     heads
         Attention heads per block.
     mlp_ratio
@@ -130,7 +130,7 @@ class DiTConfig:
     channels: int = 1
     patch: int = 2
     hidden: int = 128
-    depth: int = 6
+    depth: int = 5
     heads: int = 4
     mlp_ratio: float = 4.0
     num_classes: int = 10
