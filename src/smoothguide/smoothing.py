@@ -257,9 +257,7 @@ def _per_axis_sigma(sigma: float | tuple[float, ...]) -> tuple[float, float, flo
     return (0.0, sigma, sigma)
 
 
-def _blur_axis(
-    xp: Any, x: Array, axis: int, sigma: float, radius: int | None, mode: Mode
-) -> Array:
+def _blur_axis(xp: Any, x: Array, axis: int, sigma: float, radius: int | None, mode: Mode) -> Array:
     """Blur ``x`` along ``axis`` (negative, counted from the end) with a left matmul."""
     n = x.shape[axis]
     if sigma == 0.0 or n == 1:
