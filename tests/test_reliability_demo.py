@@ -30,7 +30,6 @@ from smoothguide.demo.weights import (
     CLASSIFIER_FILE,
     CONFIG_FILE,
     DIT_FILE,
-    WEIGHTS_DIR,
     WeightsError,
     file_sha256,
     load_classifier,
@@ -278,9 +277,6 @@ def test_demo_sampling_is_bit_identical_across_runs_and_processes(tmp_path: Path
 @failure_mode(
     "the shipped demo weights: two guided runs with the same seed",
     "bit-identical samples on CPU",
-)
-@pytest.mark.skipif(
-    not Path(WEIGHTS_DIR, CONFIG_FILE).exists(), reason="shipped demo weights not trained yet"
 )
 def test_shipped_model_is_deterministic() -> None:
     den = load_denoiser()

@@ -34,7 +34,7 @@ Presets (blocks split in thirds by depth): ``"mid"`` (default), ``"early"``,
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..torch import Geometry, GeometryFn, JointTokens, LayerSpec
@@ -251,38 +251,27 @@ def cogvideox_geometry(model: torch.nn.Module) -> GeometryFn:
     return geometry
 
 
-#: The family of ``diffusers.LTXVideoTransformer3DModel``; default preset ``"mid"``.
-LTX_VIDEO = register_family(
-    ModelFamily(
-        name="ltx-video",
-        matches=lambda model: isinstance(model, diffusers.LTXVideoTransformer3DModel),
-        layers=video_layers,
-        presets=video_presets,
-        default="mid",
-        geometry=ltx_geometry,
+def _video_family(
+    name: str, cls: type, geometry: Callable[[torch.nn.Module], GeometryFn]
+) -> ModelFamily:
+    """Register a video transformer class: shared layers and presets, default ``"mid"``."""
+    return register_family(
+        ModelFamily(
+            name=name,
+            matches=lambda model: isinstance(model, cls),
+            layers=video_layers,
+            presets=video_presets,
+            default="mid",
+            geometry=geometry,
+        )
     )
-)
+
+
+#: The family of ``diffusers.LTXVideoTransformer3DModel``; default preset ``"mid"``.
+LTX_VIDEO = _video_family("ltx-video", diffusers.LTXVideoTransformer3DModel, ltx_geometry)
 
 #: The family of ``diffusers.WanTransformer3DModel``; default preset ``"mid"``.
-WAN = register_family(
-    ModelFamily(
-        name="wan",
-        matches=lambda model: isinstance(model, diffusers.WanTransformer3DModel),
-        layers=video_layers,
-        presets=video_presets,
-        default="mid",
-        geometry=wan_geometry,
-    )
-)
+WAN = _video_family("wan", diffusers.WanTransformer3DModel, wan_geometry)
 
 #: The family of ``diffusers.CogVideoXTransformer3DModel``; default preset ``"mid"``.
-COGVIDEOX = register_family(
-    ModelFamily(
-        name="cogvideox",
-        matches=lambda model: isinstance(model, diffusers.CogVideoXTransformer3DModel),
-        layers=video_layers,
-        presets=video_presets,
-        default="mid",
-        geometry=cogvideox_geometry,
-    )
-)
+COGVIDEOX = _video_family("cogvideox", diffusers.CogVideoXTransformer3DModel, cogvideox_geometry)
