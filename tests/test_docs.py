@@ -177,13 +177,15 @@ def test_demo_tutorial_states_the_demo_defaults() -> None:
     page = (DOCS / "tutorials" / "demo.md").read_text(encoding="utf-8")
     stated = (
         "SEG in the\nofficial convention with scale 1 on all transformer blocks, σ ∈ {1, 2, 5, ∞} "
-        "in the grid\nand {0.5, 1, 2, 5, 10, ∞} in the sweep, PAG at scale 1, CFG at w = 2"
+        "in the grid\nand {0.5, 1, 2, 5, ∞} in the sweep, PAG at scale 0.5 in the grid and "
+        "{0.1, 0.25, 0.5, 1}\nin the sweep, CFG at w = 2"
     )
     assert stated in page
     inf = float("inf")
-    assert (s.seg_scale, s.pag_scale, s.cfg_scale, DEFAULT_LAYERS) == (1.0, 1.0, 2.0, "all")
+    assert (s.seg_scale, s.pag_scale, s.cfg_scale, DEFAULT_LAYERS) == (1.0, 0.5, 2.0, "all")
     assert s.seg_sigmas == (1.0, 2.0, 5.0, inf)
-    assert s.sweep_sigmas == (0.5, 1.0, 2.0, 5.0, 10.0, inf)
+    assert s.sweep_sigmas == (0.5, 1.0, 2.0, 5.0, inf)
+    assert s.sweep_pag_scales == (0.1, 0.25, 0.5, 1.0)
 
 
 def test_literalinclude_markers_exist() -> None:
