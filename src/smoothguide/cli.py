@@ -12,7 +12,11 @@ __all__ = ["build_parser", "main"]
 
 #: Subcommands implemented by the optional demo layer, with the module whose
 #: ``main(argv)`` runs them (their options are documented by ``--help`` there).
-DELEGATED = {"demo": "smoothguide.demo.run", "train-demo": "smoothguide.demo.train"}
+DELEGATED = {
+    "demo": "smoothguide.demo.run",
+    "train-demo": "smoothguide.demo.train",
+    "study": "smoothguide.study.cli",
+}
 
 
 def _energy(args: argparse.Namespace) -> int:
@@ -104,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     energy.add_argument("--sigmas", type=_sigma, nargs="+", default=[0, 0.5, 1, 2, 5, 10, math.inf])
     energy.set_defaults(func=_energy)
+    sub.add_parser(
+        "study",
+        add_help=False,
+        help="guidance studies sharded over processes, resumable "
+        "(smoothguide study --help lists its actions)",
+    )
     sub.add_parser(
         "train-demo",
         add_help=False,

@@ -1,0 +1,311 @@
+"""Streamed, mergeable study metrics and their feature extractors.
+
+Per sample (computed when its unit is sampled, stored in the unit's rows):
+``rms`` and ``ssim`` to the unguided sample of the same seed, ``ink``,
+``saturation``, ``confidence`` and ``accuracy`` (from the feature classifier).
+Per setting, from sums that merge by addition (so ranks reduce them with one
+``all_reduce``, never gathering images):
+
+- means of the per-sample values: ``(sum, count)``;
+- Fréchet distance: ``(n, Σ f, Σ f fᵀ)`` of the features in float64, against the
+  reference set's, with the FID formula (Heusel et al. 2017);
+- KID: the unbiased MMD² estimator of Bińkowski et al. 2018 (Eq. 4) with the cubic
+  polynomial kernel ``k(x, y) = (xᵀy / d + 1)³`` (torchmetrics' and the paper's
+  default). Its cross terms are not sums of per-sample quantities of fixed size
+  for large ``d`` (the third moment tensor has ``d³`` entries), so it is computed
+  on a *deterministic subset*: the ``kid_subset`` samples of a setting with the
+  smallest :func:`~smoothguide.study.units.noise_seed` — the same (label, seed
+  index) pairs in every setting and for any number of processes. Each rank keeps
+  its ``kid_subset`` smallest, the ranks ``all_gather`` these fixed-size
+  reservoirs and keep the smallest overall. torchmetrics averages 100 random
+  subsets of 1000; with ``kid_subset`` ≥ the samples per setting this is the exact
+  unbiased estimator over all samples. The reference subset is its first
+  ``kid_subset`` rows.
+
+Feature extractors (``features = ...``): ``"demo"`` (the demo classifier's
+penultimate features, offline), ``"inception"`` (torchmetrics' InceptionV3, FID
+weights from ``feature_options.weights``: a local ``pt_inception-2015-12-05``
+``.pth`` file) and ``"clip"`` (a local CLIP vision model folder,
+``feature_options.model``). Absent weights are a :class:`MetricWeightsError` at
+study start, before any sampling.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .definition import StudyError
+
+__all__ = [
+    "FEATURES",
+    "MetricWeightsError",
+    "check_feature_names",
+    "check_feature_weights",
+    "frechet_from_sums",
+    "kid_unbiased",
+    "load_extractor",
+    "per_sample_metrics",
+    "ssim",
+]
+
+#: Feature extractors and the metrics that need one.
+FEATURES = ("demo", "inception", "clip")
+FEATURE_METRICS = ("fd", "kid", "confidence", "accuracy")
+PAIRED_METRICS = ("rms", "ssim")
+SCALAR_METRICS = ("rms", "ssim", "ink", "saturation", "confidence", "accuracy")
+
+
+class MetricWeightsError(StudyError):
+    """A metric's network weights are not available offline."""
+
+
+def check_feature_names(features: str, metrics: Sequence[str]) -> None:
+    """Validate ``features`` when a metric needs an extractor (no loading)."""
+    if any(m in FEATURE_METRICS for m in metrics) and features not in FEATURES:
+        raise StudyError(
+            f"features: unknown feature extractor {features!r}; accepted: {', '.join(FEATURES)}"
+        )
+    if features != "demo" and any(m in ("confidence", "accuracy") for m in metrics):
+        raise StudyError(
+            "metrics: confidence / accuracy need the demo classifier (features = 'demo')"
+        )
+
+
+def check_feature_weights(features: str, options: Mapping[str, Any], metrics: Sequence[str]) -> None:
+    """Raise :class:`MetricWeightsError` naming the metric when its weights are absent offline."""
+    need = [m for m in metrics if m in FEATURE_METRICS]
+    if not need or features == "demo":
+        return
+    names = ", ".join(need)
+    if features == "inception":
+        path = options.get("weights")
+        if not path or not os.path.isfile(str(path)):
+            raise MetricWeightsError(
+                f"metrics {names} with features = 'inception' need the FID InceptionV3 weights "
+                f"offline; got feature_options.weights = {path!r}. Download "
+                "pt_inception-2015-12-05-6726825d.pth (torch-fidelity's release) on a machine "
+                "with internet and set [feature_options] weights = '/path/to/it.pth'"
+            )
+    elif features == "clip":
+        path = options.get("model")
+        if not path or not os.path.isdir(str(path)):
+            raise MetricWeightsError(
+                f"metrics {names} with features = 'clip' need a local CLIP model folder; got "
+                f"feature_options.model = {path!r}. Save one with "
+                "transformers.CLIPModel.from_pretrained('openai/clip-vit-large-patch14')"
+                ".save_pretrained(DIR) (and its CLIPImageProcessor) and set "
+                "[feature_options] model = 'DIR'"
+            )
+
+
+class _DemoFeatures:
+    """The demo classifier's penultimate features and class probabilities."""
+
+    def __init__(self, options: Mapping[str, Any], device: Any) -> None:
+        from ..demo.weights import load_classifier
+
+        self.net = load_classifier(options.get("weights_dir"), device=device).eval()
+        self.device = device
+
+    def __call__(self, images: Any) -> tuple[Any, Any]:
+        import torch
+
+        with torch.no_grad():
+            f = self.net.embed(images.to(self.device))
+            p = torch.softmax(self.net.head(f), dim=-1)
+        return f.float().cpu(), p.double().cpu()
+
+
+class _InceptionFeatures:  # pragma: no cover - needs weights absent in CI
+    def __init__(self, options: Mapping[str, Any], device: Any) -> None:
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        self.net = NoTrainInceptionV3(
+            name="inception-v3-compat",
+            features_list=[str(options.get("dims", 2048))],
+            feature_extractor_weights_path=str(options["weights"]),
+        ).to(device)
+        self.device = device
+
+    def __call__(self, images: Any) -> tuple[Any, None]:
+        import torch
+
+        x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        with torch.no_grad():
+            f = self.net(x.to(self.device))
+        return f.float().cpu(), None
+
+
+class _ClipFeatures:  # pragma: no cover - needs weights absent in CI
+    def __init__(self, options: Mapping[str, Any], device: Any) -> None:
+        from transformers import CLIPImageProcessor, CLIPModel
+
+        self.model = CLIPModel.from_pretrained(options["model"], local_files_only=True).to(device)
+        self.proc = CLIPImageProcessor.from_pretrained(options["model"], local_files_only=True)
+        self.device = device
+
+    def __call__(self, images: Any) -> tuple[Any, None]:
+        import torch
+
+        x = ((images.clamp(-1, 1) + 1) / 2).cpu()
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        inputs = self.proc(images=list(x), return_tensors="pt", do_rescale=False)
+        with torch.no_grad():
+            f = self.model.get_image_features(pixel_values=inputs["pixel_values"].to(self.device))
+        return f.float().cpu(), None
+
+
+def load_extractor(features: str, options: Mapping[str, Any], device: Any) -> Any:
+    """The feature extractor: ``images (n, c, h, w) in [-1, 1] -> (features, probs or None)``."""
+    cls = {"demo": _DemoFeatures, "inception": _InceptionFeatures, "clip": _ClipFeatures}[features]
+    return cls(options, device)
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5) -> npt.NDArray[np.float64]:
+    x = np.arange(size, dtype=np.float64) - (size - 1) / 2
+    g = np.exp(-(x**2) / (2 * sigma**2))
+    return g / g.sum()
+
+
+def ssim(x: Any, y: Any, *, data_range: float = 2.0, size: int = 11, sigma: float = 1.5) -> Any:
+    """Per-image SSIM (Wang et al. 2004, Eq. 13) with an 11x11 Gaussian window (σ = 1.5).
+
+    ``(2 μx μy + C1)(2 σxy + C2) / ((μx² + μy² + C1)(σx² + σy² + C2))`` with
+    ``C1 = (0.01 L)²``, ``C2 = (0.03 L)²``, ``L = data_range`` (2 for images in
+    ``[-1, 1]``), local statistics over the window positions that fit inside the
+    image (no padding), averaged over positions and channels. Window sides larger
+    than the image are shrunk to the image side (odd).
+
+    Parameters
+    ----------
+    x, y
+        Tensors of shape ``(n, c, h, w)``.
+
+    Returns
+    -------
+    torch.Tensor
+        Float64 SSIM per image, shape ``(n,)``.
+    """
+    import torch
+
+    xd, yd = x.double(), y.double()
+    n, c, h, w = xd.shape
+    size = min(size, h - (1 - h % 2), w - (1 - w % 2))
+    g = torch.as_tensor(_gaussian_window(size, sigma))
+    win = (g[:, None] * g[None, :]).expand(c, 1, size, size).contiguous()
+
+    def filt(t: Any) -> Any:
+        return torch.nn.functional.conv2d(t, win, groups=c)
+
+    mx, my = filt(xd), filt(yd)
+    sxx = filt(xd * xd) - mx * mx
+    syy = filt(yd * yd) - my * my
+    sxy = filt(xd * yd) - mx * my
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
+    return s.reshape(n, -1).mean(dim=1)
+
+
+def per_sample_metrics(
+    x: Any, ref: Any | None, probs: Any | None, labels: Sequence[int | None], metrics: Sequence[str]
+) -> dict[str, list[float | None]]:
+    """Per-sample values of the scalar metrics of ``metrics`` (float64 math).
+
+    ``rms = sqrt(mean (x − ref)²)``, ``ssim`` (:func:`ssim`), ``ink = mean (x + 1) / 2``,
+    ``saturation = mean (max_c − min_c) / max_c`` of ``(x + 1) / 2`` (HSV, 0 where
+    ``max_c = 0``), ``confidence = max_c p_c``, ``accuracy = [argmax p = label]``
+    (``None`` for unlabelled samples).
+    """
+    import torch
+
+    xd = x.double()
+    n = xd.shape[0]
+    out: dict[str, list[float | None]] = {}
+    if ref is not None:
+        rd = ref.double()
+        if "rms" in metrics:
+            out["rms"] = torch.sqrt(((xd - rd) ** 2).reshape(n, -1).mean(dim=1)).tolist()
+        if "ssim" in metrics:
+            out["ssim"] = ssim(xd, rd).tolist()
+    v = (xd.clamp(-1, 1) + 1) / 2
+    if "ink" in metrics:
+        out["ink"] = v.reshape(n, -1).mean(dim=1).tolist()
+    if "saturation" in metrics:
+        hi, lo = v.amax(dim=1), v.amin(dim=1)
+        sat = torch.where(hi > 0, (hi - lo) / hi.clamp_min(1e-300), torch.zeros_like(hi))
+        out["saturation"] = sat.reshape(n, -1).mean(dim=1).tolist()
+    if probs is not None:
+        if "confidence" in metrics:
+            out["confidence"] = probs.max(dim=1).values.tolist()
+        if "accuracy" in metrics:
+            pred = probs.argmax(dim=1).tolist()
+            out["accuracy"] = [
+                None if y is None else float(p == y) for p, y in zip(pred, labels, strict=True)
+            ]
+    return out
+
+
+def _sqrtm_psd(a: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    w, v = np.linalg.eigh((a + a.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
+
+def moments_to_gaussian(
+    n: float, s1: npt.NDArray[np.float64], s2: npt.NDArray[np.float64]
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Mean and unbiased covariance from ``n``, ``Σ f`` and ``Σ f fᵀ``.
+
+    ``μ = Σf / n`` and ``S = (Σ f fᵀ − n μ μᵀ) / (n − 1)``.
+    """
+    mu = s1 / n
+    cov = (s2 - n * np.outer(mu, mu)) / (n - 1)
+    return mu, cov
+
+
+def frechet_from_sums(
+    a: tuple[float, npt.NDArray[np.float64], npt.NDArray[np.float64]],
+    b: tuple[float, npt.NDArray[np.float64], npt.NDArray[np.float64]],
+) -> float:
+    """Fréchet distance between the Gaussians of two ``(n, Σf, Σffᵀ)`` sums (n ≥ 2 each).
+
+    ``|μa − μb|² + tr(Sa + Sb − 2 (Sa^½ Sb Sa^½)^½)`` (Heusel et al. 2017).
+    """
+    if a[0] < 2 or b[0] < 2:
+        return math.nan
+    mu_a, s_a = moments_to_gaussian(*a)
+    mu_b, s_b = moments_to_gaussian(*b)
+    root = _sqrtm_psd(s_a)
+    cross = _sqrtm_psd(root @ s_b @ root)
+    d = float(np.sum((mu_a - mu_b) ** 2) + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(cross))
+    return max(d, 0.0)
+
+
+def kid_unbiased(x: npt.ArrayLike, y: npt.ArrayLike) -> float:
+    """Unbiased MMD² with ``k(a, b) = (aᵀb / d + 1)³`` (Bińkowski et al. 2018, Eq. 4).
+
+    ``Σ_{i≠j} k(x_i, x_j) / (m(m−1)) + Σ_{i≠j} k(y_i, y_j) / (n(n−1)) − 2 Σ k(x_i, y_j) / (mn)``
+    in float64; NaN when either set has fewer than 2 rows.
+    """
+    xa = np.asarray(x, dtype=np.float64)
+    ya = np.asarray(y, dtype=np.float64)
+    m, n = xa.shape[0], ya.shape[0]
+    if m < 2 or n < 2:
+        return math.nan
+    d = xa.shape[1]
+    kxx = (xa @ xa.T / d + 1) ** 3
+    kyy = (ya @ ya.T / d + 1) ** 3
+    kxy = (xa @ ya.T / d + 1) ** 3
+    return float(
+        (kxx.sum() - np.trace(kxx)) / (m * (m - 1))
+        + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
+        - 2 * kxy.sum() / (m * n)
+    )
