@@ -40,7 +40,7 @@ import itertools
 import json
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -328,7 +328,8 @@ class Study:
     labels
         Class labels (``"null"``: unconditional); ignored when ``prompts`` is set.
     prompts
-        Prompts (a list) or the path of a prompts file (one per line).
+        Prompts (a list) or the path of a prompts file (one per line; blank lines
+        and lines starting with ``#`` are skipped).
     seeds
         Seed indices per label / prompt.
     seed
@@ -383,7 +384,7 @@ class Study:
                 raise StudyError(f"prompts: no prompts file at {path!r} (one prompt per line)")
             with open(path, encoding="utf-8") as fh:
                 lines = [ln.strip() for ln in fh]
-            out = [ln for ln in lines if ln]
+            out = [ln for ln in lines if ln and not ln.startswith("#")]
             if not out:
                 raise StudyError(f"prompts: the prompts file {path!r} is empty")
             return list(out)
@@ -532,5 +533,3 @@ def load_study(path: str | os.PathLike[str]) -> Study:
         raise StudyError(f"study file {p!r} does not exist")
     return study_from_dict(_load_toml(p), base_dir=os.path.dirname(os.path.abspath(p)))
 
-
-_Factory = Callable[..., Any]
