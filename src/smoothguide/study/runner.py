@@ -173,7 +173,25 @@ def run_study(
     t_start = time.perf_counter()
     study.validate()
     check_feature_weights(study.features, study.feature_options, study.metrics)
+    owns_dist = dist is None
     dist = dist or init_dist(cpu=cpu)
+    try:
+        result = _run(study, out, dist, progress=progress, echo=echo, t_start=t_start)
+        if owns_dist:
+            # every rank leaves together: a rank exiting while another is still inside a
+            # gloo collective makes the latter abort
+            dist.barrier()
+        return result
+    finally:
+        if owns_dist:
+            dist.close()
+
+
+def _run(
+    study: Study, out: str, dist: Dist, *, progress: bool, echo: bool, t_start: float
+) -> dict[str, Any] | None:
+    import torch
+
     if study.sampler.threads is not None:
         torch.set_num_threads(study.sampler.threads)
     store = Store(out)
