@@ -112,8 +112,12 @@ def test_prompts_file_contents_are_hashed(tmp_path):
         ('rule = "PAG"', 'rule = "PAGE"', "rules[1].rule", "SEG"),
         ("steps = 2", "steps = 0", "sampler.steps", ">= 1"),
         ("seeds = 2", "seedz = 2", "seedz", "seeds"),
-        ('{ rule = "CFG", scale = [2.0, 3.0] }', '{ rule = "CFG", sigma = 1 }',
-         "rules[2].terms[0].sigma", "scale"),
+        (
+            '{ rule = "CFG", scale = [2.0, 3.0] }',
+            '{ rule = "CFG", sigma = 1 }',
+            "rules[2].terms[0].sigma",
+            "scale",
+        ),
     ],
 )
 def test_bad_study_fails_before_sampling_naming_the_key(tmp_path, capsys, old, new, key, accepted):
@@ -131,12 +135,15 @@ def test_bad_study_fails_before_sampling_naming_the_key(tmp_path, capsys, old, n
 
 
 def test_missing_metric_weights_fail_at_start_naming_the_metric(tmp_path, capsys):
-    text = GOOD.replace('metrics = ["rms", "ink"]', 'metrics = ["fd", "rms"]\nfeatures = "inception"')
+    text = GOOD.replace(
+        'metrics = ["rms", "ink"]', 'metrics = ["fd", "rms"]\nfeatures = "inception"'
+    )
     path = _write(tmp_path, text)
     out = tmp_path / "out"
     assert study_main(["run", path, "--out", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "fd" in err and "feature_options.weights" in err
+    assert "fd" in err
+    assert "feature_options.weights" in err
     assert not out.exists()
 
 

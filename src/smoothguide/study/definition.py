@@ -178,9 +178,7 @@ def _build(spec: Mapping[str, Any]) -> Any:
         return None
     if spec["rule"] == "Compose":
         return _rules.Compose(*(_build(t) for t in spec["terms"]))
-    params = {
-        k: (_num(v, k) if k in ("sigma", "scale") else v) for k, v in spec["params"].items()
-    }
+    params = {k: (_num(v, k) if k in ("sigma", "scale") else v) for k, v in spec["params"].items()}
     if isinstance(params.get("sigma"), list):
         params["sigma"] = tuple(_num(x, "sigma") for x in params["sigma"])
     if isinstance(params.get("layers"), list):
@@ -532,4 +530,3 @@ def load_study(path: str | os.PathLike[str]) -> Study:
     if not os.path.isfile(p):
         raise StudyError(f"study file {p!r} does not exist")
     return study_from_dict(_load_toml(p), base_dir=os.path.dirname(os.path.abspath(p)))
-

@@ -97,7 +97,7 @@ def init_dist(*, cpu: bool = False) -> Dist:
     try:
         from accelerate import PartialState
     except ImportError:
-        PartialState = None  # noqa: N806
+        PartialState = None
     import torch
 
     use_cuda = torch.cuda.is_available() and not cpu

@@ -77,7 +77,9 @@ def check_feature_names(features: str, metrics: Sequence[str]) -> None:
         )
 
 
-def check_feature_weights(features: str, options: Mapping[str, Any], metrics: Sequence[str]) -> None:
+def check_feature_weights(
+    features: str, options: Mapping[str, Any], metrics: Sequence[str]
+) -> None:
     """Raise :class:`MetricWeightsError` naming the metric when its weights are absent offline."""
     need = [m for m in metrics if m in FEATURE_METRICS]
     if not need or features == "demo":

@@ -52,7 +52,9 @@ class DemoStudyModel:
         if prompts:
             raise StudyError("prompts: model 'demo' is class-conditional; use labels = [0, ...]")
         for v in items:
-            if not (v == "null" or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 9)):
+            if not (
+                v == "null" or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 9)
+            ):
                 raise StudyError(f"labels: model 'demo' accepts 0..9 and 'null', got {v!r}")
 
     @staticmethod
@@ -179,7 +181,7 @@ def resolve_model(name: str) -> Callable[..., Any]:
             raise StudyError(f"model: cannot import {name!r} ({exc})") from None
         if not callable(obj):
             raise StudyError(f"model: {name!r} is not callable")
-        return obj  # type: ignore[no-any-return]
+        return obj
     raise StudyError(
         f"model: unknown model {name!r}; accepted: {', '.join(MODELS)} or 'package.module:function'"
     )

@@ -78,7 +78,12 @@ def _tables(metrics: dict[str, Any]) -> tuple[str, str]:
     w.writerow(["setting", "family", "name", *cols])
     for r in metrics["settings"]:
         w.writerow(
-            [r["setting"], r["family"], r["name"], *("" if r.get(c) is None else r[c] for c in cols)]
+            [
+                r["setting"],
+                r["family"],
+                r["name"],
+                *("" if r.get(c) is None else r[c] for c in cols),
+            ]
         )
     head = "| setting | family | " + " | ".join(cols) + " |"
     lines = [
@@ -131,11 +136,19 @@ def _pareto(metrics: dict[str, Any], path: str) -> bool:
         )
         for p in pts:
             label = p["name"].replace(fam, "", 1).strip() if fam in p["name"] else p["name"]
-            ax.annotate(label, (p["rms"], p[ykey]), textcoords="offset points", xytext=(3, 3),
-                        fontsize=6)
+            ax.annotate(
+                label, (p["rms"], p[ykey]), textcoords="offset points", xytext=(3, 3), fontsize=6
+            )
     if base.get(ykey) is not None:
-        ax.plot([0.0], [base[ykey]], marker="*", markersize=12, color="black", linestyle="none",
-                label="no guidance")
+        ax.plot(
+            [0.0],
+            [base[ykey]],
+            marker="*",
+            markersize=12,
+            color="black",
+            linestyle="none",
+            label="no guidance",
+        )
     ax.set_xlabel("deviation from the unguided sample of the same seed (RMS)")
     ax.set_ylabel(f"{ykey} (lower is better)")
     ax.grid(alpha=0.3)
@@ -153,7 +166,9 @@ def _to_rgb(x: np.ndarray) -> np.ndarray:
     return np.transpose(v[:3], (1, 2, 0))
 
 
-def _grids(store: Store, study: dict[str, Any], out: str, columns: int, max_items: int) -> list[str]:
+def _grids(
+    store: Store, study: dict[str, Any], out: str, columns: int, max_items: int
+) -> list[str]:
     d = study["definition"]
     settings = d["settings"]
     units = make_units(len(settings), len(d["items"]), d["seeds"], d["unit_size"])

@@ -168,7 +168,6 @@ def run_study(
     dict or None
         The content of ``metrics.json`` on rank 0, ``None`` on other ranks.
     """
-    import torch
 
     t_start = time.perf_counter()
     study.validate()
@@ -270,7 +269,7 @@ def _run(
     )
     tot = dist.all_reduce_sum(vec).tolist()
     if dist.is_main:
-        summary = {
+        summary: dict[str, Any] = {
             "processes": dist.world,
             "launcher": dist.launcher,
             "units_total": len(units),

@@ -67,7 +67,7 @@ def _fsync_dir(path: str) -> None:
 
 
 def atomic_write(path: str, data: bytes) -> str:
-    """Write ``data`` to ``path`` atomically (tmp + fsync + :func:`os.replace`); return its SHA-256."""
+    """Write ``data`` to ``path`` atomically (tmp, fsync, :func:`os.replace`); return SHA-256."""
     folder = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
