@@ -261,10 +261,11 @@ def _run(
                 bar.set_postfix_str(f"global {n_done}/{len(units)} ETA {_fmt_s(eta)}")
         dist.barrier()
     bar.close()
+    loop_s = time.perf_counter() - t_loop
     metrics = reduce_metrics(study, store, dist)
     wall = time.perf_counter() - t_start
     vec = torch.tensor(
-        [stats[k] for k in ("units", "samples", "sample_s", "unit_s", "store_s")] + [wall],
+        [stats[k] for k in ("units", "samples", "sample_s", "unit_s", "store_s")] + [loop_s],
         dtype=torch.float64,
     )
     tot = dist.all_reduce_sum(vec).tolist()
@@ -282,7 +283,9 @@ def _run(
             "sampling_seconds_per_unit": tot[2] / tot[0] if tot[0] else None,
             "store_seconds_per_unit": tot[4] / tot[0] if tot[0] else None,
             "store_overhead_ratio": tot[4] / tot[2] if tot[2] else None,
-            "units_per_second": tot[0] / wall if wall else None,
+            "loop_seconds": tot[5] / dist.world,
+            # throughput of the sampling loop (barriers included, start-up excluded)
+            "units_per_second": tot[0] * dist.world / tot[5] if tot[5] else None,
         }
         store.write_json("summary.json", summary)
         if echo:
