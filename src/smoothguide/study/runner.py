@@ -212,10 +212,13 @@ def _run(
     store.clean_partial(dist.rank)
     settings, items = study.settings(), study.items()
     units = make_units(len(settings), len(items), study.seeds, study.unit_size)
-    done = store.done()
     phases = [[u for u in units if u.setting == 0], [u for u in units if u.setting > 0]]
     mine = [u for p in phases for u in shard(p, dist.rank, dist.world)]
+    # each rank re-hashes only its own (static) shard
+    done = store.done(only={u.uid for u in mine})
     todo = [u for u in mine if u.uid not in done]
+    n_global = len(store.done(verify=False))
+    t_count = time.perf_counter()
     kill_after = _kill_hook(dist.rank)
     from tqdm.auto import tqdm
 
@@ -230,6 +233,7 @@ def _run(
     )
     stats = {"units": 0, "samples": 0, "sample_s": 0.0, "unit_s": 0.0, "store_s": 0.0}
     done_at_start = len(done)
+    n_start = n_global
     t_loop = time.perf_counter()
     for phase in phases:
         for unit in shard(phase, dist.rank, dist.world):
@@ -255,17 +259,23 @@ def _run(
             stats["store_s"] += t2 - t1
             bar.update(1)
             if dist.is_main and progress:
-                n_done = len(store.done(verify=False))
-                rate = (n_done - done_at_start) / max(time.perf_counter() - t_loop, 1e-9)
-                eta = (len(units) - n_done) / rate if rate > 0 else math.inf
-                bar.set_postfix_str(f"global {n_done}/{len(units)} ETA {_fmt_s(eta)}")
+                now = time.perf_counter()
+                if now - t_count > 5.0 or n_global == 0:  # re-reading the index costs O(units)
+                    n_global, t_count = len(store.done(verify=False)), now
+                else:
+                    n_global += dist.world  # estimate: the others advance like this rank
+                n_global = min(n_global, len(units))
+                rate = (n_global - n_start) / max(now - t_loop, 1e-9)
+                eta = (len(units) - n_global) / rate if rate > 0 else math.inf
+                bar.set_postfix_str(f"global {n_global}/{len(units)} ETA {_fmt_s(eta)}")
         dist.barrier()
     bar.close()
     loop_s = time.perf_counter() - t_loop
     metrics = reduce_metrics(study, store, dist)
     wall = time.perf_counter() - t_start
     vec = torch.tensor(
-        [stats[k] for k in ("units", "samples", "sample_s", "unit_s", "store_s")] + [loop_s],
+        [stats[k] for k in ("units", "samples", "sample_s", "unit_s", "store_s")]
+        + [loop_s, done_at_start],
         dtype=torch.float64,
     )
     tot = dist.all_reduce_sum(vec).tolist()
@@ -276,7 +286,7 @@ def _run(
             "units_total": len(units),
             "units_run": int(tot[0]),
             "samples_run": int(tot[1]),
-            "units_already_done": done_at_start,
+            "units_already_done": int(tot[6]),
             "wall_seconds": wall,
             "seconds_per_unit": tot[3] / tot[0] if tot[0] else None,
             "seconds_per_sample": tot[3] / tot[1] if tot[1] else None,
@@ -293,7 +303,7 @@ def _run(
             sps = summary["seconds_per_sample"]
             print(
                 f"study {study.name!r}: {summary['units_run']} units run now, "
-                f"{done_at_start} already done, {len(units)} total, on {dist.world} "
+                f"{int(tot[6])} already done, {len(units)} total, on {dist.world} "
                 f"process(es) in {wall:.1f} s"
                 + (
                     f"; {spu:.3f} s per unit, {sps:.4f} s per sample "

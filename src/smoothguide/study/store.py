@@ -34,7 +34,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 from .definition import StudyError
@@ -189,15 +189,38 @@ class Store:
                 return False
         return True
 
-    def done(self, *, verify: bool = True) -> dict[str, dict[str, Any]]:
-        """Finished units: ``{uid: record}``, the last valid record of each.
+    def done(
+        self, *, verify: bool = True, only: Collection[str] | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """Finished units: ``{uid: record}``, the last record of each.
 
-        With ``verify`` the files are re-hashed and a unit whose files are missing,
-        truncated or changed is left out (so it is redone).
+        Parameters
+        ----------
+        verify
+            Re-hash the files and leave out a unit whose files are missing, truncated
+            or changed (so it is redone).
+        only
+            Look at these unit ids only (a rank verifies its own shard, not the study).
+
+        Returns
+        -------
+        dict
+            Unit id -> its index record.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     s = Store(tmp)
+        ...     s.write_definition({"name": "x"}, "0" * 64)
+        ...     _ = s.write_unit("s000-c00000", b"samples", {"rows": []}, rank=0)
+        ...     list(s.done())
+        ['s000-c00000']
         """
         last: dict[str, dict[str, Any]] = {}
         for rec in self.records():
-            last[rec["unit"]] = rec
+            if only is None or rec["unit"] in only:
+                last[rec["unit"]] = rec
         if not verify:
             return last
         return {u: r for u, r in last.items() if self._valid(r)}
