@@ -19,7 +19,11 @@ __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The parser of ``smoothguide study``.
+    """The parser of ``smoothguide study``: actions ``run``, ``check`` and ``report``.
+
+    Returns
+    -------
+    argparse.ArgumentParser
 
     Examples
     --------
@@ -49,6 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``smoothguide study``; a :class:`StudyError` exits with status 2.
+
+    Parameters
+    ----------
+    argv
+        Arguments after ``study`` (default ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        The exit status: 0, or 2 with the error on stderr.
 
     Examples
     --------

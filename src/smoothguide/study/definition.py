@@ -162,6 +162,13 @@ class Setting:
         Readable label, e.g. ``"SEG scale=1 sigma=∞"``.
     spec
         Canonical JSON-able description (rule name, parameters, terms).
+
+    Examples
+    --------
+    >>> from smoothguide.rules import PAG
+    >>> s = RuleGrid("PAG", scale=2.0).settings()[0]
+    >>> s.family, s.name, s.build() == PAG(2.0)
+    ('PAG', 'PAG scale=2', True)
     """
 
     family: str
@@ -290,13 +297,48 @@ class RuleGrid:
 
 
 def compose(*terms: RuleGrid, family: str | None = None) -> RuleGrid:
-    """A :class:`RuleGrid` of ``Compose(*terms)``: the product of the terms' grids."""
+    """A :class:`RuleGrid` of ``Compose(*terms)``: the product of the terms' grids.
+
+    Parameters
+    ----------
+    *terms
+        Grids of the terms, in the order they are applied.
+    family
+        Curve label (default: the terms' families joined by ``+``).
+
+    Returns
+    -------
+    RuleGrid
+
+    Examples
+    --------
+    >>> g = compose(RuleGrid("CFG", scale=[2.0, 3.0]), RuleGrid("SEG", sigma=math.inf))
+    >>> len(g.settings()), g.family_name()
+    (2, 'CFG+SEG')
+    """
     return RuleGrid("Compose", family=family, terms=terms)
 
 
 @dataclass(frozen=True)
 class SamplerSettings:
-    """Sampler of every unit: ``name`` (``"euler"``), ``steps``, optional torch ``threads``."""
+    """Sampler of every unit.
+
+    Parameters
+    ----------
+    steps
+        Denoiser calls per sample.
+    name
+        ``"euler"`` (:func:`smoothguide.sampling.sample_euler`).
+    threads
+        Torch CPU threads per process (``None``: leave torch's default).
+
+    Examples
+    --------
+    >>> SamplerSettings(steps=0).check()
+    Traceback (most recent call last):
+    ...
+    smoothguide.study.definition.StudyError: sampler.steps: must be an int >= 1, got 0
+    """
 
     steps: int = 16
     name: str = "euler"
@@ -521,10 +563,27 @@ def study_from_dict(data: Mapping[str, Any], *, base_dir: str = ".") -> Study:
 def load_study(path: str | os.PathLike[str]) -> Study:
     """Load and validate a study TOML file (relative paths resolve against its folder).
 
+    Parameters
+    ----------
+    path
+        The ``.toml`` file.
+
+    Returns
+    -------
+    Study
+        The validated study.
+
     Raises
     ------
     StudyError
         Naming the offending key and the accepted values.
+
+    Examples
+    --------
+    >>> load_study("missing.toml")
+    Traceback (most recent call last):
+    ...
+    smoothguide.study.definition.StudyError: study file 'missing.toml' does not exist
     """
     p = os.fspath(path)
     if not os.path.isfile(p):

@@ -22,7 +22,26 @@ __all__ = ["Dist", "init_dist"]
 
 @dataclass
 class Dist:
-    """Rank, world size and device of this process, with the few collectives a study needs."""
+    """Rank, world size and device of this process, with the few collectives a study needs.
+
+    Parameters
+    ----------
+    rank, world, local_rank
+        This process's global rank, the number of processes, the rank on its node.
+    device
+        The torch device of the rank.
+    backend
+        ``"none"`` (in-process), ``"gloo"`` or ``"nccl"``.
+    launcher
+        ``"in-process"``, ``"accelerate"`` or ``"torch.distributed"``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> d = Dist()  # in-process: collectives are identities
+    >>> d.is_main, d.all_reduce_sum(torch.ones(2)).tolist(), len(d.all_gather(torch.ones(1)))
+    (True, [1.0, 1.0], 1)
+    """
 
     rank: int = 0
     world: int = 1
@@ -84,6 +103,18 @@ def init_dist(*, cpu: bool = False) -> Dist:
     ----------
     cpu
         Use the CPU (gloo) even where CUDA is available.
+
+    Returns
+    -------
+    Dist
+
+    Examples
+    --------
+    Without a launcher's ``WORLD_SIZE > 1`` the study runs in-process:
+
+    >>> import os
+    >>> "WORLD_SIZE" in os.environ or init_dist(cpu=True).launcher == "in-process"
+    True
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:

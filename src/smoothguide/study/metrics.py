@@ -66,7 +66,26 @@ class MetricWeightsError(StudyError):
 
 
 def check_feature_names(features: str, metrics: Sequence[str]) -> None:
-    """Validate ``features`` when a metric needs an extractor (no loading)."""
+    """Validate ``features`` when a metric needs an extractor (no loading).
+
+    Parameters
+    ----------
+    features
+        Name of the feature extractor (:data:`FEATURES`).
+    metrics
+        The study's metrics.
+
+    Returns
+    -------
+    None
+
+    Examples
+    --------
+    >>> check_feature_names("dino", ["fd"])
+    Traceback (most recent call last):
+    ...
+    smoothguide.study.definition.StudyError: features: unknown feature extractor 'dino'; ...
+    """
     if any(m in FEATURE_METRICS for m in metrics) and features not in FEATURES:
         raise StudyError(
             f"features: unknown feature extractor {features!r}; accepted: {', '.join(FEATURES)}"
@@ -80,7 +99,28 @@ def check_feature_names(features: str, metrics: Sequence[str]) -> None:
 def check_feature_weights(
     features: str, options: Mapping[str, Any], metrics: Sequence[str]
 ) -> None:
-    """Raise :class:`MetricWeightsError` naming the metric when its weights are absent offline."""
+    """Raise :class:`MetricWeightsError` naming the metric when its weights are absent offline.
+
+    Parameters
+    ----------
+    features
+        Name of the feature extractor.
+    options
+        ``feature_options`` of the study (``weights``: Inception ``.pth``; ``model``: CLIP folder).
+    metrics
+        The study's metrics.
+
+    Returns
+    -------
+    None
+
+    Examples
+    --------
+    >>> check_feature_weights("inception", {}, ["fd", "rms"])
+    Traceback (most recent call last):
+    ...
+    smoothguide.study.metrics.MetricWeightsError: metrics fd with features = 'inception' need ...
+    """
     need = [m for m in metrics if m in FEATURE_METRICS]
     if not need or features == "demo":
         return
@@ -167,7 +207,29 @@ class _ClipFeatures:  # pragma: no cover - needs weights absent in CI
 
 
 def load_extractor(features: str, options: Mapping[str, Any], device: Any) -> Any:
-    """The feature extractor: ``images (n, c, h, w) in [-1, 1] -> (features, probs or None)``."""
+    """The feature extractor: ``images (n, c, h, w) in [-1, 1] -> (features, probs or None)``.
+
+    Parameters
+    ----------
+    features
+        ``"demo"``, ``"inception"`` or ``"clip"``.
+    options
+        ``feature_options`` (``weights_dir`` of the demo classifier; see the module docstring).
+    device
+        Torch device.
+
+    Returns
+    -------
+    callable
+        Features float32 ``(n, d)`` and class probabilities float64 (demo only).
+
+    Examples
+    --------
+    >>> import torch
+    >>> f, p = load_extractor("demo", {}, "cpu")(torch.zeros(2, 1, 16, 16))
+    >>> f.shape, p.shape
+    (torch.Size([2, 128]), torch.Size([2, 10]))
+    """
     cls = {"demo": _DemoFeatures, "inception": _InceptionFeatures, "clip": _ClipFeatures}[features]
     return cls(options, device)
 
@@ -196,6 +258,13 @@ def ssim(x: Any, y: Any, *, data_range: float = 2.0, size: int = 11, sigma: floa
     -------
     torch.Tensor
         Float64 SSIM per image, shape ``(n,)``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> x = torch.rand(2, 1, 16, 16)
+    >>> ssim(x, x).tolist()
+    [1.0, 1.0]
     """
     import torch
 
@@ -226,6 +295,31 @@ def per_sample_metrics(
     ``saturation = mean (max_c − min_c) / max_c`` of ``(x + 1) / 2`` (HSV, 0 where
     ``max_c = 0``), ``confidence = max_c p_c``, ``accuracy = [argmax p = label]``
     (``None`` for unlabelled samples).
+
+    Parameters
+    ----------
+    x
+        Samples ``(n, c, h, w)`` in ``[-1, 1]``.
+    ref
+        The paired unguided samples (same shape), or ``None``.
+    probs
+        Class probabilities ``(n, classes)``, or ``None``.
+    labels
+        Intended class per sample (``None``: unconditional).
+    metrics
+        Which metrics to compute.
+
+    Returns
+    -------
+    dict of str to list
+        Metric name -> one value per sample.
+
+    Examples
+    --------
+    >>> import torch
+    >>> per_sample_metrics(torch.ones(1, 1, 2, 2), -torch.ones(1, 1, 2, 2), None, [None],
+    ...                    ["rms", "ink"])
+    {'rms': [2.0], 'ink': [1.0]}
     """
     import torch
 
@@ -280,6 +374,23 @@ def frechet_from_sums(
     """Fréchet distance between the Gaussians of two ``(n, Σf, Σffᵀ)`` sums (n ≥ 2 each).
 
     ``|μa − μb|² + tr(Sa + Sb − 2 (Sa^½ Sb Sa^½)^½)`` (Heusel et al. 2017).
+
+    Parameters
+    ----------
+    a, b
+        ``(n, Σ f, Σ f fᵀ)`` of two feature sets (sums merge by addition).
+
+    Returns
+    -------
+    float
+        The distance (NaN if a set has fewer than 2 samples).
+
+    Examples
+    --------
+    >>> f = np.array([[0.0, 1.0], [2.0, 3.0], [1.0, 0.0]])
+    >>> s = (3.0, f.sum(0), f.T @ f)
+    >>> round(frechet_from_sums(s, (3.0, (f + 1).sum(0), (f + 1).T @ (f + 1))), 9)
+    2.0
     """
     if a[0] < 2 or b[0] < 2:
         return math.nan
@@ -296,6 +407,22 @@ def kid_unbiased(x: npt.ArrayLike, y: npt.ArrayLike) -> float:
 
     ``Σ_{i≠j} k(x_i, x_j) / (m(m−1)) + Σ_{i≠j} k(y_i, y_j) / (n(n−1)) − 2 Σ k(x_i, y_j) / (mn)``
     in float64; NaN when either set has fewer than 2 rows.
+
+    Parameters
+    ----------
+    x, y
+        Feature sets ``(m, d)`` and ``(n, d)``.
+
+    Returns
+    -------
+    float
+        The estimate (may be slightly negative: it is unbiased).
+
+    Examples
+    --------
+    >>> x = np.array([[1.0], [2.0]])
+    >>> kid_unbiased(x, x)  # k = 8, 27, 125: 27 + 27 − 2 (8 + 2·27 + 125) / 4
+    -39.5
     """
     xa = np.asarray(x, dtype=np.float64)
     ya = np.asarray(y, dtype=np.float64)

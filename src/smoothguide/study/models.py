@@ -32,6 +32,20 @@ class DemoStudyModel:
     Options: ``weights_dir`` (default: the shipped weights), ``layers`` (the
     default SEG / PAG layers, a preset of
     :func:`~smoothguide.demo.guide.layer_presets`, default ``"all"``).
+
+    Parameters
+    ----------
+    options
+        ``model_options`` of the study.
+    device
+        Torch device.
+
+    Examples
+    --------
+    >>> import torch
+    >>> m = DemoStudyModel({}, "cpu")
+    >>> m.sample(None, ["null", 3], torch.zeros(2, 1, 16, 16), steps=2).shape
+    torch.Size([2, 1, 16, 16])
     """
 
     noise_shape = (1, 16, 16)
@@ -98,6 +112,22 @@ class SDXLStudyModel:  # pragma: no cover - needs SDXL weights and a GPU
     ``width`` (default 1024), ``dtype`` (``"float16"``), ``scheduler`` (``"euler"``),
     ``reference`` (a folder of real images for fd / kid, e.g. MS-COCO 2014 val),
     ``reference_limit``. Labels ``["null"]`` is unconditional (the empty prompt).
+
+    Parameters
+    ----------
+    options
+        ``model_options`` of the study.
+    device
+        Torch device (one GPU per rank).
+
+    Examples
+    --------
+    Validation needs no weights:
+
+    >>> SDXLStudyModel.check(["null", 3], prompts=False)
+    Traceback (most recent call last):
+    ...
+    smoothguide.study.definition.StudyError: labels: model 'sdxl' takes prompts, or ...
     """
 
     def __init__(self, options: Mapping[str, Any], device: Any) -> None:
@@ -170,7 +200,23 @@ MODELS: dict[str, Callable[..., Any]] = {"demo": DemoStudyModel, "sdxl": SDXLStu
 
 
 def resolve_model(name: str) -> Callable[..., Any]:
-    """The factory of ``model = name``: a registered name or ``"package.module:function"``."""
+    """The factory of ``model = name``: a registered name or ``"package.module:function"``.
+
+    Parameters
+    ----------
+    name
+        ``"demo"``, ``"sdxl"`` or an import path.
+
+    Returns
+    -------
+    callable
+        ``factory(options, device) -> model``.
+
+    Examples
+    --------
+    >>> resolve_model("demo") is DemoStudyModel
+    True
+    """
     if name in MODELS:
         return MODELS[name]
     if ":" in name:
@@ -188,7 +234,28 @@ def resolve_model(name: str) -> Callable[..., Any]:
 
 
 def check_model(name: str, items: Sequence[Any], prompts: bool) -> None:
-    """Resolve the factory and run its ``check(items, prompts)`` if it has one."""
+    """Resolve the factory and run its ``check(items, prompts)`` if it has one.
+
+    Parameters
+    ----------
+    name
+        The study's ``model``.
+    items
+        Its labels or prompts.
+    prompts
+        Whether ``items`` are prompts.
+
+    Returns
+    -------
+    None
+
+    Examples
+    --------
+    >>> check_model("demo", ["null", 11], prompts=False)
+    Traceback (most recent call last):
+    ...
+    smoothguide.study.definition.StudyError: labels: model 'demo' accepts 0..9 and 'null', got 11
+    """
     factory = resolve_model(name)
     check = getattr(factory, "check", None)
     if callable(check):

@@ -35,11 +35,28 @@ _COLUMNS = ("fd", "kid", "rms", "ssim", "ink", "saturation", "confidence", "accu
 def load_results(root: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(study.json, metrics.json)`` of a finished study folder.
 
+    Parameters
+    ----------
+    root
+        The study's output folder.
+
+    Returns
+    -------
+    tuple of dict
+        The recorded definition and the reduced metrics.
+
     Raises
     ------
     StudyError
         If the folder holds no study, is unfinished, or the metrics belong to another
         definition.
+
+    Examples
+    --------
+    >>> load_results("no-such-folder")
+    Traceback (most recent call last):
+    ...
+    smoothguide.study.definition.StudyError: no-such-folder: no study.json; not a study folder
     """
     store = Store(root)
     study = store.read_definition()
@@ -228,6 +245,17 @@ def write_report(
         Seeds per grid row.
     max_items
         Grids for at most this many labels / prompts.
+
+    Returns
+    -------
+    list of str
+        Paths of the files written.
+
+    Examples
+    --------
+    ``write_report("demo-study")`` after ``smoothguide study run ... --out demo-study``
+    writes ``demo-study/report/``; an unfinished folder is refused
+    (:func:`load_results`).
     """
     study, metrics = load_results(root)
     out = out or os.path.join(root, "report")

@@ -167,6 +167,17 @@ def run_study(
     -------
     dict or None
         The content of ``metrics.json`` on rank 0, ``None`` on other ranks.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from smoothguide.study import RuleGrid, SamplerSettings, Study
+    >>> study = Study("doc", rules=(RuleGrid("SEG", scale=1.0, sigma=2.0),), labels=(3,),
+    ...               seeds=2, metrics=("rms", "ink"), sampler=SamplerSettings(steps=2))
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     m = run_study(study, tmp, progress=False, echo=False)
+    >>> [(r["name"], r["rms"] > 0) for r in m["settings"]]
+    [('none', False), ('SEG scale=1 sigma=2', True)]
     """
 
     t_start = time.perf_counter()
@@ -323,10 +334,24 @@ def reduce_metrics(study: Study, store: Store, dist: Dist) -> dict[str, Any] | N
     Every rank must call it. The sums are float64; the KID reservoir keeps the
     ``kid_subset`` samples with the smallest noise seed per setting.
 
+    Parameters
+    ----------
+    study
+        The study.
+    store
+        Its complete store.
+    dist
+        The process group.
+
     Returns
     -------
     dict or None
         The metrics on rank 0, ``None`` elsewhere.
+
+    Examples
+    --------
+    Called at the end of :func:`run_study`; by hand on a finished folder:
+    ``reduce_metrics(study, Store("demo-study"), Dist())`` rewrites its ``metrics.json``.
     """
     import torch
 

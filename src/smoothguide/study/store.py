@@ -45,7 +45,27 @@ STUDY_FILE = "study.json"
 
 
 def sha256_file(path: str) -> str:
-    """SHA-256 hex digest of a file (read in 1 MiB chunks)."""
+    """SHA-256 hex digest of a file (read in 1 MiB chunks).
+
+    Parameters
+    ----------
+    path
+        The file.
+
+    Returns
+    -------
+    str
+        64 hex characters.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with tempfile.NamedTemporaryFile(delete=False) as fh:
+    ...     _ = fh.write(b"abc")
+    >>> sha256_file(fh.name)[:16]
+    'ba7816bf8f01cfea'
+    >>> os.unlink(fh.name)
+    """
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -67,7 +87,30 @@ def _fsync_dir(path: str) -> None:
 
 
 def atomic_write(path: str, data: bytes) -> str:
-    """Write ``data`` to ``path`` atomically (tmp, fsync, :func:`os.replace`); return SHA-256."""
+    """Write ``data`` to ``path`` atomically (tmp, fsync, :func:`os.replace`); return SHA-256.
+
+    The temporary file lives in the same folder (so the rename is atomic), ends in
+    ``.tmp`` and is removed if writing fails; the folder is fsynced after the rename.
+
+    Parameters
+    ----------
+    path
+        Destination.
+    data
+        The bytes.
+
+    Returns
+    -------
+    str
+        SHA-256 hex digest of ``data``.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     atomic_write(os.path.join(tmp, "f"), b"abc")[:16], os.listdir(tmp)
+    ('ba7816bf8f01cfea', ['f'])
+    """
     folder = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
@@ -91,6 +134,11 @@ class Store:
     ----------
     root
         The folder.
+
+    Examples
+    --------
+    >>> Store("out").unit_paths("s001-c00002")["samples"]
+    'out/units/s001-c00002.safetensors'
     """
 
     def __init__(self, root: str) -> None:

@@ -33,6 +33,20 @@ def noise_seed(study_seed: int, item: int | str, seed_index: int) -> int:
 
     ``repr`` keeps the label ``3`` and the prompt ``"3"`` apart.
 
+    Parameters
+    ----------
+    study_seed
+        The study's ``seed``.
+    item
+        The label or prompt.
+    seed_index
+        Index of the seed, ``0 .. seeds-1``.
+
+    Returns
+    -------
+    int
+        A seed in ``[0, 2**63)`` for :meth:`torch.Generator.manual_seed`.
+
     Examples
     --------
     >>> noise_seed(0, 3, 1) == noise_seed(0, 3, 1) != noise_seed(0, "3", 1)
@@ -57,6 +71,12 @@ class Unit:
         Index of the sample chunk.
     items
         ``(item index, seed index)`` pairs of its samples.
+
+    Examples
+    --------
+    >>> u = Unit(3, 12, ((0, 0), (0, 1)))
+    >>> u.uid, u.baseline_uid
+    ('s003-c00012', 's000-c00012')
     """
 
     setting: int
@@ -77,6 +97,21 @@ class Unit:
 def make_units(num_settings: int, num_items: int, seeds: int, unit_size: int) -> list[Unit]:
     """All units: settings × chunks, baseline units (setting 0) first.
 
+    Parameters
+    ----------
+    num_settings
+        Settings, the baseline included.
+    num_items
+        Labels or prompts.
+    seeds
+        Seed indices per item.
+    unit_size
+        Samples per unit (the last chunk may be smaller).
+
+    Returns
+    -------
+    list of Unit
+
     Examples
     --------
     >>> units = make_units(2, 2, 3, 4)
@@ -95,6 +130,19 @@ def shard(units: Sequence[Unit], rank: int, world: int) -> list[Unit]:
 
     Static (it does not look at what is already done), so no two processes can
     ever take the same unit, whatever the state of the store when they start.
+
+    Parameters
+    ----------
+    units
+        All units (:func:`make_units`), in order.
+    rank
+        This process, ``0 <= rank < world``.
+    world
+        Number of processes.
+
+    Returns
+    -------
+    list of Unit
 
     Examples
     --------
