@@ -226,3 +226,61 @@ def test_report_refuses_an_unfinished_study(reference, tmp_path):
     os.remove(os.path.join(out, "metrics.json"))
     with pytest.raises(StudyError, match="not finished"):
         load_results(out)
+
+
+def test_rows_pair_each_sample_with_the_unguided_sample_of_the_same_seed(reference):
+    import numpy as np
+
+    store = Store(reference)
+    for chunk in range(2):
+        base = store.read_tensors(f"s000-c{chunk:05d}")
+        for setting in (1, 2):
+            uid = f"s{setting:03d}-c{chunk:05d}"
+            t = store.read_tensors(uid)
+            # the same (label, seed index) pairs and noise seeds as the baseline unit
+            assert t["noise_seed"].tolist() == base["noise_seed"].tolist()
+            assert t["item"].tolist() == base["item"].tolist()
+            x, r = t["samples"].double().numpy(), base["samples"].double().numpy()
+            rms = np.sqrt(((x - r) ** 2).reshape(len(x), -1).mean(axis=1))
+            ink = ((np.clip(x, -1, 1) + 1) / 2).reshape(len(x), -1).mean(axis=1)
+            rows = store.read_rows(uid)["rows"]
+            np.testing.assert_allclose([row["rms"] for row in rows], rms, rtol=1e-12)
+            np.testing.assert_allclose([row["ink"] for row in rows], ink, rtol=1e-12)
+            assert rms.min() > 0  # guidance changed every sample
+
+
+def test_custom_model_factory_by_import_path(tmp_path):
+    """A study on a model that is not the demo's: ``model = "module:function"``."""
+    import numpy as np
+
+    from smoothguide.study import RuleGrid, SamplerSettings, Study
+
+    study = Study(
+        "toy",
+        rules=(RuleGrid("CFG", scale=[1.0, 3.0]),),
+        labels=(0, 1),
+        seeds=3,
+        unit_size=2,
+        model="toy_study_model:factory",
+        metrics=("rms", "ink"),
+        sampler=SamplerSettings(steps=1),
+    )
+    m = run_study(study, str(tmp_path / "out"), progress=False, echo=False)
+    assert m is not None
+    rows = {r["name"]: r for r in m["settings"]}
+    # the toy model returns tanh(noise * w), w = 1 unguided: CFG w = 1 equals the baseline
+    assert rows["CFG scale=1"]["rms"] == 0.0
+    assert rows["CFG scale=3"]["rms"] > 0.0
+    store = Store(str(tmp_path / "out"))
+    t = store.read_tensors("s002-c00000")
+    import torch
+
+    from smoothguide.study.units import noise_seed
+
+    want = torch.stack(
+        [
+            torch.randn((1, 4, 4), generator=torch.Generator().manual_seed(noise_seed(0, i, k)))
+            for i, k in zip(t["item"].tolist(), t["seed_index"].tolist(), strict=True)
+        ]
+    )
+    np.testing.assert_array_equal(t["samples"].numpy(), torch.tanh(want * 3).numpy())

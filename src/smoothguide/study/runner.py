@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .definition import Setting, Study
+from .definition import Setting, Study, StudyError
 from .dist import Dist, init_dist
 from .metrics import (
     FEATURE_METRICS,
@@ -130,7 +130,11 @@ def _write_reference(study: Study, store: Store, model: Any, extractor: Any) -> 
         return
     images = model.reference_images()
     if images is None:
-        return
+        raise StudyError(
+            f"metrics {', '.join(m for m in study.metrics if m in ('fd', 'kid'))}: model "
+            f"{study.model!r} has no reference images (reference_images() returned None); "
+            "set its reference option or remove fd / kid from metrics"
+        )
     chunks = [extractor(images[i : i + 500])[0] for i in range(0, images.shape[0], 500)]
     import torch
 
@@ -217,7 +221,7 @@ def _run(
         if not existed:
             store.write_definition(definition, digest)
         store.clean_tmp()
-        if extractor is not None:
+        if extractor is not None and any(m in ("fd", "kid") for m in study.metrics):
             _write_reference(study, store, model, extractor)
     dist.barrier()
     store.clean_partial(dist.rank)
