@@ -196,7 +196,7 @@ def _grids(
     for u in units:
         if not any(i in want_items and k in want_seeds for i, k in u.items):
             continue
-        t = store.read_tensors(u.uid)
+        t = store.read_tensors(u.uid, ("samples",))
         x = t["samples"].float().numpy()
         for j, (i, k) in enumerate(u.items):
             if i in want_items and k in want_seeds:

@@ -94,7 +94,10 @@ def _sample_unit(
     feats, probs = extractor(x) if extractor is not None else (None, None)
     ref = None
     if any(m in PAIRED_METRICS for m in study.metrics):
-        ref = x if unit.setting == 0 else store.read_tensors(unit.baseline_uid)["samples"]
+        if unit.setting == 0:
+            ref = x
+        else:
+            ref = store.read_tensors(unit.baseline_uid, ("samples",))["samples"]
     per = per_sample_metrics(x, ref, probs, model.class_labels(its), study.metrics)
     seeds = [noise_seed(study.seed, items[i], k) for i, k in unit.items]
     tensors = {
@@ -374,7 +377,7 @@ def reduce_metrics(study: Study, store: Store, dist: Dist) -> dict[str, Any] | N
     use_kid = "kid" in study.metrics
     d = 0
     if use_fd or use_kid:
-        probe = store.read_tensors(units[0].uid)
+        probe = store.read_tensors(units[0].uid, ("features",))
         d = probe["features"].shape[1]
     fd = torch.zeros(S, 1 + d + d * d, dtype=torch.float64) if use_fd else None
     res_p = torch.full((S, K), _PAD, dtype=torch.int64) if use_kid else None
@@ -386,7 +389,7 @@ def reduce_metrics(study: Study, store: Store, dist: Dist) -> dict[str, Any] | N
             sums[u.setting, j, 0] += float(np.sum(np.asarray(vals, dtype=np.float64)))
             sums[u.setting, j, 1] += len(vals)
         if use_fd or use_kid:
-            t = store.read_tensors(u.uid)
+            t = store.read_tensors(u.uid, ("features", "noise_seed"))
             f = t["features"].double()
             if fd is not None:
                 fd[u.setting, 0] += f.shape[0]

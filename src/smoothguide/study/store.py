@@ -336,11 +336,16 @@ class Store:
             data: dict[str, Any] = json.load(fh)
         return data
 
-    def read_tensors(self, uid: str) -> dict[str, Any]:
-        """The tensors of a unit's safetensors file (``samples``, ``features`` ...)."""
-        from safetensors.torch import load_file
+    def read_tensors(self, uid: str, keys: Collection[str] | None = None) -> dict[str, Any]:
+        """The tensors of a unit's safetensors file (``samples``, ``features`` ...).
 
-        return dict(load_file(self.unit_paths(uid)["samples"]))
+        ``keys`` reads only those tensors (the metric reduction does not load samples).
+        """
+        from safetensors import safe_open
+
+        with safe_open(self.unit_paths(uid)["samples"], framework="pt") as fh:
+            names = fh.keys()  # a safe_open handle is not iterable
+            return {k: fh.get_tensor(k) for k in names if keys is None or k in keys}
 
     def write_json(self, name: str, data: Any) -> None:
         """Write ``root/name`` atomically as JSON."""
