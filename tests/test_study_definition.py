@@ -134,16 +134,24 @@ def test_bad_study_fails_before_sampling_naming_the_key(tmp_path, capsys, old, n
     assert not out.exists()  # nothing was created, let alone sampled
 
 
-def test_missing_metric_weights_fail_at_start_naming_the_metric(tmp_path, capsys):
-    text = GOOD.replace(
-        'metrics = ["rms", "ink"]', 'metrics = ["fd", "rms"]\nfeatures = "inception"'
-    )
+@pytest.mark.parametrize(
+    "features, metrics, key",
+    [
+        ("inception", '["fd", "rms"]', "feature_options.weights"),
+        ("clip", '["kid"]', "feature_options.model"),
+    ],
+)
+def test_missing_metric_weights_fail_at_start_naming_the_metric(
+    tmp_path, capsys, features, metrics, key
+):
+    text = GOOD.replace('metrics = ["rms", "ink"]', f'metrics = {metrics}\nfeatures = "{features}"')
     path = _write(tmp_path, text)
     out = tmp_path / "out"
     assert study_main(["run", path, "--out", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "fd" in err
-    assert "feature_options.weights" in err
+    first = metrics.split('"')[1]
+    assert f"metrics {first} " in err  # names the metric (fd / kid)
+    assert key in err
     assert not out.exists()
 
 
