@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -91,9 +92,9 @@ class MAMBOG(Term):
         n_d = xp.linalg.vector_norm(diff, axis=axes, keepdims=True)
         n_u = xp.linalg.vector_norm(xp.astype(x_u, work), axis=axes, keepdims=True)
         positive = n_u > 0
-        ratio = xp.where(
-            positive, n_d / xp.where(positive, n_u, 1.0), xp.where(n_d > 0, xp.inf, 0.0)
-        )
+        # ‖x_u‖ = 0: r = ∞ (no guidance) unless the update is 0 too (then r = 0).
+        degenerate = xp.where(n_d > 0, xp.full_like(n_d, math.inf), xp.zeros_like(n_d))
+        ratio = xp.where(positive, n_d / xp.where(positive, n_u, 1.0), degenerate)
         if self.alpha == 0.0:  # CFG; also avoids 0 · ∞ when x_u = 0
             return pred + xp.astype(c * diff, pred.dtype), state
         damp = xp.exp(-self.alpha * ratio)
