@@ -46,7 +46,8 @@ FAST = settings(
 CTX = StepContext(1.0)
 seeds = st.integers(0, 2**31 - 1)
 scales = st.floats(0.0, 12.0)
-shapes = st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 5)).map(tuple)
+# a few fixed shapes (JAX compiles every new shape; the values still vary by seed)
+shapes = st.sampled_from([(1, 1, 1), (1, 3, 1), (2, 3, 4), (3, 2, 5)])
 
 
 def draw(seed: int, shape: tuple[int, ...], n: int) -> list[np.ndarray]:
