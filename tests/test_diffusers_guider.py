@@ -246,3 +246,53 @@ def test_apg_state_restarts_at_step_zero() -> None:
     for a, b in zip(*first, strict=True):
         assert torch.equal(a, b)
     assert UNCOND in APG(3.0).branches(StepContext(1.0))
+
+
+def test_modular_guider_equals_guided_pipeline_on_the_same_components() -> None:
+    """SDXL under GuidedPipeline (branches batched) vs the modular loop (one call per branch)."""
+    from smoothguide.diffusers import GuidedPipeline
+    from test_diffusers_unet_pipeline import make_pipe
+
+    pipe = make_pipe("sdxl")
+    h, w = 32, 48  # latents 16 x 24 (this VAE's factor is 2)
+    g = torch.Generator().manual_seed(3)
+    emb = {
+        "prompt_embeds": torch.randn(1, 5, 32, generator=g),
+        "negative_prompt_embeds": torch.randn(1, 5, 32, generator=g),
+        "pooled_prompt_embeds": torch.randn(1, 16, generator=g),
+        "negative_pooled_prompt_embeds": torch.randn(1, 16, generator=g),
+    }
+    latents = torch.randn(1, 4, h // 2, w // 2, generator=g)
+    rule = Compose(CFG(4.0), SEG(2.0, sigma=3.0, schedule=Interval(0.0, 5.0)), PAG(1.0))
+    with torch.no_grad():
+        ref = GuidedPipeline(pipe, rule)(
+            **emb,
+            latents=latents,
+            height=h,
+            width=w,
+            num_inference_steps=STEPS,
+            output_type="latent",
+        ).images
+        modular = StableDiffusionXLCoreDenoiseStep().init_pipeline()
+        modular.update_components(
+            unet=pipe.unet,
+            vae=pipe.vae,
+            scheduler=diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config),
+            guider=SmoothguideGuidance(rule, scheduler=pipe.scheduler),
+        )
+        got = modular(
+            **emb, latents=latents, height=h, width=w, num_inference_steps=STEPS, output="latents"
+        )
+    # batched vs one call per branch: the same math up to float32 rounding
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
+    assert float((got - latents).abs().max()) > 0
+
+
+def test_guided_pipeline_refuses_cfgpp() -> None:
+    from smoothguide.diffusers import GuidedPipeline
+    from test_diffusers_unet_pipeline import make_pipe
+
+    with pytest.raises(TypeError, match="re-noise"):
+        GuidedPipeline(make_pipe("sd"), CFGPlusPlus(0.5))(
+            "a cat", height=32, width=48, num_inference_steps=1, output_type="latent"
+        )
