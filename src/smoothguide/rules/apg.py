@@ -23,17 +23,17 @@ _EPS = 1e-12  # torch.nn.functional.normalize's default eps, as in the reference
 class APG(Term):
     """Adaptive Projected Guidance: CFG with the update's parallel part down-weighted.
 
-        S. Sadat, O. Hilliges, R. M. Weber, "Eliminating Oversaturation and
-        Artifacts of High Guidance Scales in Diffusion Models", ICLR 2025
-        (arXiv:2410.02416), Algorithm 1, in denoised (``x0``) space. Per sample,
-        norms and inner products over all non-batch axes::
+    S. Sadat, O. Hilliges, R. M. Weber, "Eliminating Oversaturation and
+    Artifacts of High Guidance Scales in Diffusion Models", ICLR 2025
+    (arXiv:2410.02416), Algorithm 1, in denoised (``x0``) space. Per sample,
+    norms and inner products over all non-batch axes::
 
-            Δ  = x_c − x_u
-            Δ ← Δ + β m            m: running average from the previous step; m ← Δ   (momentum)
-            Δ ← Δ · min(1, r/‖Δ‖)                          (norm threshold, if r > 0)
-            Δ∥ = ⟨Δ, x̂_c⟩ x̂_c,  x̂_c = x_c/‖x_c‖,  Δ⊥ = Δ − Δ∥
-            paper:      out = x_c + (w − 1)(Δ⊥ + η Δ∥)       neutral: w = 1
-            diffusers:  out = x_u + w (Δ⊥ + η Δ∥)            (w = 1 treated as neutral)
+        Δ  = x_c − x_u
+        Δ ← Δ + β m            m: running average from the previous step; m ← Δ   (momentum)
+        Δ ← Δ · min(1, r/‖Δ‖)                          (norm threshold, if r > 0)
+        Δ∥ = ⟨Δ, x̂_c⟩ x̂_c,  x̂_c = x_c/‖x_c‖,  Δ⊥ = Δ − Δ∥
+        paper:      out = x_c + (w − 1)(Δ⊥ + η Δ∥)       neutral: w = 1
+        diffusers:  out = x_u + w (Δ⊥ + η Δ∥)            (w = 1 treated as neutral)
 
     ``convention="paper"`` (default) is the paper's Algorithm 1; ``"diffusers"``
     is diffusers' ``AdaptiveProjectedGuidance(guidance_scale=w, eta=η,
@@ -47,39 +47,39 @@ class APG(Term):
     "diffusers" convention returns ``x_c`` at ``w = 1`` although it is not
     continuous there when η ≠ 1.
 
-        ``η = 1, r = 0, β = 0`` is CFG. The momentum buffer is the rule's state:
-        :meth:`init_state` gives ``None`` (no history) and :meth:`apply` returns the
-        new buffer (``None`` when ``β = 0``), so one ``APG`` object can serve
-        several samplers at once. A neutral step (``ρ (w − 1) = 0``) skips the
-        ``"uncond"`` branch and leaves the buffer unchanged. The schedule's weight ρ
-        multiplies ``w − 1``.
+    ``η = 1, r = 0, β = 0`` is CFG. The momentum buffer is the rule's state:
+    :meth:`init_state` gives ``None`` (no history) and :meth:`apply` returns the
+    new buffer (``None`` when ``β = 0``), so one ``APG`` object can serve
+    several samplers at once. A neutral step (``ρ (w − 1) = 0``) skips the
+    ``"uncond"`` branch and leaves the buffer unchanged. The schedule's weight ρ
+    multiplies ``w − 1``.
 
-        Parameters
-        ----------
-        scale
-            Guidance scale ``w >= 0``.
-        eta
-            Weight ``η >= 0`` of the parallel component (the paper recommends 0).
-        norm_threshold
-            ``r >= 0``; 0 disables the norm threshold.
-        momentum
-            ``β`` in (−1, 1); the paper uses negative values (e.g. −0.5); 0 disables it.
-        schedule
-            Weight ρ per step.
-        convention
-            ``"paper"`` (default) or ``"diffusers"``; in the latter ρ multiplies
-            ``x_u + w·update − x_c``.
+    Parameters
+    ----------
+    scale
+        Guidance scale ``w >= 0``.
+    eta
+        Weight ``η >= 0`` of the parallel component (the paper recommends 0).
+    norm_threshold
+        ``r >= 0``; 0 disables the norm threshold.
+    momentum
+        ``β`` in (−1, 1); the paper uses negative values (e.g. −0.5); 0 disables it.
+    schedule
+        Weight ρ per step.
+    convention
+        ``"paper"`` (default) or ``"diffusers"``; in the latter ρ multiplies
+        ``x_u + w·update − x_c``.
 
-        Examples
-        --------
-        >>> import numpy as np
-        >>> from smoothguide.rules import COND, UNCOND, StepContext
-        >>> x_c, x_u = np.array([[1.0, 0.0]]), np.array([[0.0, 1.0]])
-        >>> out, state = APG(2.0).combine({COND: x_c, UNCOND: x_u}, StepContext(1.0))
-        >>> out  # Δ = (1, -1); Δ⊥ = (0, -1) w.r.t. x_c; η = 0
-        array([[ 1., -1.]])
-        >>> state is None
-        True
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from smoothguide.rules import COND, UNCOND, StepContext
+    >>> x_c, x_u = np.array([[1.0, 0.0]]), np.array([[0.0, 1.0]])
+    >>> out, state = APG(2.0).combine({COND: x_c, UNCOND: x_u}, StepContext(1.0))
+    >>> out  # Δ = (1, -1); Δ⊥ = (0, -1) w.r.t. x_c; η = 0
+    array([[ 1., -1.]])
+    >>> state is None
+    True
     """
 
     scale: float = 7.5
