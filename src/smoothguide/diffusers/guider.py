@@ -90,6 +90,16 @@ _TYPES: dict[str, type] = {
 def rule_to_config(rule: Any) -> dict[str, Any]:
     """A JSON-ready dict of a built-in rule (and its schedules), for guider configs.
 
+    Parameters
+    ----------
+    rule
+        A rule built from smoothguide's rule and schedule classes and ``Compose``.
+
+    Returns
+    -------
+    dict
+        ``{"type": class name, field: value, ...}``, nested for schedules and terms.
+
     Examples
     --------
     >>> from smoothguide.rules import CFG, SEG, Compose, Interval
@@ -129,7 +139,24 @@ def _value_to_config(v: Any) -> Any:
 
 
 def rule_from_config(config: Mapping[str, Any]) -> Any:
-    """Rebuild a rule from :func:`rule_to_config`'s dict (lists come back as tuples)."""
+    """Rebuild a rule from :func:`rule_to_config`'s dict (lists come back as tuples).
+
+    Parameters
+    ----------
+    config
+        A dict from :func:`rule_to_config` (or the ``rule`` entry of a guider config).
+
+    Returns
+    -------
+    rule
+        The rule, equal to the one that was saved.
+
+    Examples
+    --------
+    >>> from smoothguide.rules import SEG
+    >>> rule_from_config({"type": "SEG", "scale": 2.0, "sigma": [1.0, 2.0]}).sigma
+    (1.0, 2.0)
+    """
     if not isinstance(config, Mapping) or "type" not in config:
         raise TypeError(f"a rule config must be a dict with a 'type' key, got {config!r:.80}")
     kind = config["type"]

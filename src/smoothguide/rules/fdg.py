@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -75,6 +76,8 @@ def _apply2(xp: Any, x: Array, mh: np.ndarray, mw: np.ndarray) -> Array:
 
 
 def _check_pyramid(x: Array, levels: int, name: str) -> None:
+    if isinstance(levels, bool) or not isinstance(levels, numbers.Integral) or levels < 1:
+        raise ValueError(f"levels must be an int >= 1, got {levels!r}")
     if x.ndim < 3:
         raise ValueError(
             f"{name} must have shape (batch, ..., height, width), got shape {tuple(x.shape)}"
@@ -97,6 +100,19 @@ def laplacian_pyramid(x: Array, levels: int) -> list[Array]:
     boundary, then 2 × 2 averaging); band ``k`` is ``g_k − up(g_{k+1})``
     (bilinear 2× upsampling, then the blur), the last entry is ``g_{levels−1}``.
     Every operator is a matrix per axis, so this runs on any array backend.
+
+    Parameters
+    ----------
+    x
+        Array of shape ``(batch, ..., height, width)``, height and width
+        divisible by ``2**(levels − 1)``.
+    levels
+        Number of levels ``>= 1`` (1: ``[x]``).
+
+    Returns
+    -------
+    list of arrays
+        ``levels`` arrays, band ``k`` of size ``(h/2^k, w/2^k)``; same backend and dtype.
 
     Examples
     --------
@@ -122,7 +138,25 @@ def laplacian_pyramid(x: Array, levels: int) -> list[Array]:
 
 
 def reconstruct_pyramid(pyramid: Sequence[Array]) -> Array:
-    """Invert :func:`laplacian_pyramid`: ``img ← up(img) + band_k`` from the coarsest level."""
+    """Invert :func:`laplacian_pyramid`: ``img ← up(img) + band_k`` from the coarsest level.
+
+    Parameters
+    ----------
+    pyramid
+        Bands as :func:`laplacian_pyramid` returns them, finest first.
+
+    Returns
+    -------
+    array
+        The image at the finest band's size (exactly ``x`` up to rounding).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.random.default_rng(0).normal(size=(1, 1, 8, 8))
+    >>> bool(np.allclose(reconstruct_pyramid(laplacian_pyramid(x, 3)), x))
+    True
+    """
     xp = namespace(*pyramid)
     img = pyramid[-1]
     for k in range(len(pyramid) - 2, -1, -1):
