@@ -766,3 +766,24 @@ def test_two_different_renoise_branches_are_rejected() -> None:
 def test_bad_arguments_are_named(make: Any, names: str) -> None:
     with pytest.raises((ValueError, TypeError), match=names):
         make()
+
+
+@pytest.mark.parametrize("rule", NEUTRAL, ids=repr)
+def test_neutral_rules_sample_exactly_like_the_unguided_model(rule: Any) -> None:
+    """A whole Euler run under a neutral rule is the conditional model's run, bit for bit."""
+    sigmas = [4.0, 2.0, 1.0, 0.3, 0.0]  # outside the rules' Interval(5, 9]
+    y = np.array([1.0, -2.0])
+    x0 = np.random.default_rng(6).normal(size=(2, 2, 4, 4)) * sigmas[0]
+    calls: list[Any] = []
+
+    def model(x: Any, sigma: Any, y: Any = None) -> Any:
+        calls.append(y)
+        s2 = sigma[:, None, None, None] ** 2
+        return (x + s2 * (0.0 if y is None else y[:, None, None, None])) / (1 + s2)
+
+    guided = GuidedDenoiser(model, rule, uncond={"y": np.zeros(1)}, sigmas=sigmas)
+    out = sample_euler(guided, x0, sigmas, extra_args={"y": y}, progress=False)
+    assert all(c is not None and np.array_equal(c, y) for c in calls)  # never the uncond branch
+    calls.clear()
+    plain = sample_euler(model, x0, sigmas, extra_args={"y": y}, progress=False)
+    np.testing.assert_array_equal(out, plain)
