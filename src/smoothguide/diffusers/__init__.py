@@ -9,6 +9,8 @@ Needs the ``diffusers`` extra (``pip install 'smoothguide[diffusers]'``).
 - :class:`GuidedPipeline`: run a ``StableDiffusionPipeline`` or
   ``StableDiffusionXLPipeline`` under any :mod:`smoothguide.rules` rule, all
   branches batched into one denoiser call per step.
+- :class:`SmoothguideGuidance`: any rule as a diffusers modular-pipeline guider
+  (``BaseGuidance``), SEG / PAG branches perturbed through the patcher.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 from . import transformers as _transformers  # noqa: F401
 from ._deps import diffusers as _diffusers  # noqa: F401  (fails early, naming the extra)
 from .family import ModelFamily, families, family_for, patcher_for, register_family
+from .guider import SmoothguideGuidance, rule_from_config, rule_to_config
 from .pipeline import (
     GuidedPipeline,
     PipelineAdapter,
@@ -32,12 +35,15 @@ __all__ = [
     "GuidedPipeline",
     "ModelFamily",
     "PipelineAdapter",
+    "SmoothguideGuidance",
     "adapter_for",
     "families",
     "family_for",
     "patcher_for",
     "register_family",
     "register_pipeline_adapter",
+    "rule_from_config",
+    "rule_to_config",
     "scheduler_sigma",
     "unet_layers",
     "unet_presets",

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..branches import Branch
+from ..rules._prediction import Prediction
 from ..rules.base import GuidanceRule, StepContext
 from ..sampling.denoiser import _batch_order
 from ..torch import AttentionPatcher
@@ -90,6 +91,16 @@ def scheduler_sigma(pipe: Any, timestep: Any) -> float:
         f"cannot find the noise level of timestep {t} for {type(scheduler).__name__}: it has "
         "neither sigmas/timesteps nor alphas_cumprod; pass a PipelineAdapter with sigma=..."
     )
+
+
+def _no_renoise(guided: Any, rule: Any) -> Any:
+    """``guided``, or a ``TypeError`` for a rule that needs its own re-noising (CFG++)."""
+    if isinstance(guided, Prediction):
+        raise TypeError(
+            f"{type(rule).__name__} asks the sampler to re-noise from another prediction "
+            "(CFG++); a diffusers scheduler cannot: use smoothguide.sampling's samplers"
+        )
+    return guided
 
 
 def _timestep_value(timestep: Any) -> float:
@@ -475,6 +486,7 @@ class GuidedPipeline:
             full = self._sequential_result(step.position, outputs)
         else:
             guided, self._state = self.rule.combine(outputs, step.ctx, self._state)
+            guided = _no_renoise(guided, self.rule)
             copies = step.incoming // chunk
             full = guided if copies == 1 else torch.cat([guided] * copies, dim=0)
         if isinstance(output, tuple):
@@ -528,6 +540,7 @@ class GuidedPipeline:
             return current.first
         needed = {b: current.outputs[b] for b in current.needed}
         guided, self._state = self.rule.combine(needed, current.ctx, self._state)
+        guided = _no_renoise(guided, self.rule)
         self._sequential = None
         s = float(self.adapter.pipeline_scale)
         # 16-bit outputs are solved in float32; float32/float64 in their own precision.

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from .._array import Array, compute_dtype, namespace
 from ..branches import Branch
 from .base import COND, UNCOND, StepContext, Term, branch_output, check_scale
 from .schedules import ALWAYS, Schedule, check_schedule, weight
 
-__all__ = ["APG"]
+__all__ = ["APG", "APG_CONVENTIONS"]
+
+#: Accepted values of ``APG(convention=...)``.
+APG_CONVENTIONS: tuple[str, ...] = ("paper", "diffusers")
 
 _EPS = 1e-12  # torch.nn.functional.normalize's default eps, as in the reference code
 
@@ -29,7 +32,20 @@ class APG(Term):
         Δ ← Δ + β m            m: running average from the previous step; m ← Δ   (momentum)
         Δ ← Δ · min(1, r/‖Δ‖)                          (norm threshold, if r > 0)
         Δ∥ = ⟨Δ, x̂_c⟩ x̂_c,  x̂_c = x_c/‖x_c‖,  Δ⊥ = Δ − Δ∥
-        out = x_c + (w − 1)(Δ⊥ + η Δ∥)                  neutral: w = 1
+        paper:      out = x_c + (w − 1)(Δ⊥ + η Δ∥)       neutral: w = 1
+        diffusers:  out = x_u + w (Δ⊥ + η Δ∥)            (w = 1 treated as neutral)
+
+    ``convention="paper"`` (default) is the paper's Algorithm 1; ``"diffusers"``
+    is diffusers' ``AdaptiveProjectedGuidance(guidance_scale=w, eta=η,
+    adaptive_projected_guidance_momentum=β,
+    adaptive_projected_guidance_rescale=r)``. Without momentum and norm threshold,
+    ``diffusers(w, η) = x_c + (w − 1)Δ⊥ + (wη − 1)Δ∥ = paper(w, η′)`` with
+    ``η′ = (wη − 1)/(w − 1)`` (negative for η < 1/w), and in general
+    ``diffusers = paper − (1 − η)Δ∥`` where Δ∥ is the parallel part of the raw
+    ``x_c − x_u``. diffusers' ``use_original_formulation=True`` (``x_c + w (Δ⊥ + η
+    Δ∥)``) is ``convention="paper"`` with scale ``w + 1``. Like diffusers, the
+    "diffusers" convention returns ``x_c`` at ``w = 1`` although it is not
+    continuous there when η ≠ 1.
 
     ``η = 1, r = 0, β = 0`` is CFG. The momentum buffer is the rule's state:
     :meth:`init_state` gives ``None`` (no history) and :meth:`apply` returns the
@@ -50,6 +66,9 @@ class APG(Term):
         ``β`` in (−1, 1); the paper uses negative values (e.g. −0.5); 0 disables it.
     schedule
         Weight ρ per step.
+    convention
+        ``"paper"`` (default) or ``"diffusers"``; in the latter ρ multiplies
+        ``x_u + w·update − x_c``.
 
     Examples
     --------
@@ -68,6 +87,7 @@ class APG(Term):
     norm_threshold: float = 0.0
     momentum: float = 0.0
     schedule: Schedule = ALWAYS
+    convention: Literal["paper", "diffusers"] = "paper"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scale", check_scale(self.scale, "scale"))
@@ -80,6 +100,10 @@ class APG(Term):
             raise ValueError(f"momentum must be in (-1, 1), got {self.momentum!r}")
         object.__setattr__(self, "momentum", beta)
         check_schedule(self.schedule)
+        if self.convention not in APG_CONVENTIONS:
+            raise ValueError(
+                f"convention must be one of {APG_CONVENTIONS}, got {self.convention!r}"
+            )
 
     def coefficient(self, ctx: StepContext) -> float:
         """Effective coefficient ``ρ (w − 1)`` at this step."""
@@ -108,6 +132,7 @@ class APG(Term):
         work = compute_dtype(xp, x_c.dtype, "outputs")
         axes = tuple(range(1, x_c.ndim))
         diff = xp.astype(x_c, work) - xp.astype(x_u, work)
+        raw = diff
         new_state = None
         if self.momentum != 0.0:
             if state is not None:
@@ -126,4 +151,8 @@ class APG(Term):
         unit = unit / xp.maximum(xp.linalg.vector_norm(unit, axis=axes, keepdims=True), _EPS)
         parallel = xp.sum(diff * unit, axis=axes, keepdims=True) * unit
         update = (diff - parallel) + self.eta * parallel
+        if self.convention == "diffusers":
+            # x_u + w·update = x_c + (w·update − Δ); ρ weighs that whole change.
+            rho = weight(self.schedule, ctx)
+            return pred + xp.astype(rho * (self.scale * update - raw), pred.dtype), new_state
         return pred + xp.astype(c * update, pred.dtype), new_state

@@ -7,7 +7,8 @@ from typing import Any
 
 from .._array import Array
 from ..branches import Branch
-from .base import COND, StepContext, Term, unique_branches
+from ._prediction import Prediction, renoise_branch_of
+from .base import COND, StepContext, Term, branch_output, unique_branches
 
 __all__ = ["Compose"]
 
@@ -101,3 +102,27 @@ class Compose(Term):
             pred, s = term.apply(pred, outputs, ctx, s)
             new_states.append(s)
         return pred, tuple(new_states)
+
+    def renoise_branch(self, ctx: StepContext) -> Branch | None:
+        """The branch a term (CFG++) wants the sampler to re-noise from, or ``None``.
+
+        Raises ``ValueError`` when two terms ask for different branches.
+        """
+        wanted = {b for b in (renoise_branch_of(t, ctx) for t in self.terms) if b is not None}
+        if len(wanted) > 1:
+            raise ValueError(
+                f"terms ask to re-noise from different branches {sorted(map(repr, wanted))}; "
+                "a sampler can re-noise from one"
+            )
+        return next(iter(wanted), None)
+
+    def combine(
+        self, outputs: Mapping[Branch, Array], ctx: StepContext, state: Any = None
+    ) -> tuple[Any, tuple[Any, ...]]:
+        """Apply the terms to ``x_c``; a :class:`~smoothguide.rules.Prediction` if one re-noises."""
+        needed = self.branches(ctx)
+        pred, new_state = self.apply(branch_output(outputs, COND, needed), outputs, ctx, state)
+        rb = self.renoise_branch(ctx)
+        if rb is None:
+            return pred, new_state
+        return Prediction(pred, branch_output(outputs, rb, needed)), new_state

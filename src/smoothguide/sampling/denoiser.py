@@ -20,6 +20,7 @@ import array_api_compat
 
 from .._array import Array, namespace
 from ..branches import Branch, Perturber
+from ..rules._prediction import denoised_of
 from ..rules.base import GuidanceRule, StepContext
 
 __all__ = ["GuidedDenoiser", "SteppableDenoiser", "batch_order"]
@@ -187,7 +188,7 @@ class GuidedDenoiser:
             self.reset_state()
         out, self._state = self.step(x, sigma, cond, ctx=ctx, state=self._state)
         self._last_sigma = ctx.sigma
-        return out
+        return denoised_of(out)
 
     def reset_state(self) -> None:
         """Start the rule's state afresh for plain calls (a new sampling run)."""
@@ -243,7 +244,9 @@ class GuidedDenoiser:
         Returns
         -------
         tuple
-            ``(denoised, new_state)``.
+            ``(denoised, new_state)``; ``denoised`` is the rule's result: an
+            array, or a :class:`~smoothguide.rules.Prediction` for rules that
+            ask the sampler to re-noise from another prediction (CFG++).
         """
         cond = {} if cond is None else cond
         if not isinstance(cond, Mapping):

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from .._array import Array, as_backend, device_of, namespace, require_floating
+from ..rules._prediction import split_prediction
 from ..rules.base import StepContext
 from .denoiser import SteppableDenoiser, _sigma_list
 
@@ -137,13 +138,14 @@ class _Denoise:
         self.steppable = isinstance(model, SteppableDenoiser)
         self.state = model.init_state() if self.steppable else None
 
-    def __call__(self, xp: Any, x: Array, sigma: float, i: int) -> Array:
+    def __call__(self, xp: Any, x: Array, sigma: float, i: int) -> tuple[Array, Array | None]:
+        """``(denoised, renoise)``; ``renoise`` is ``None`` unless the rule gave a Prediction."""
         s = xp.full((x.shape[0],), sigma, dtype=x.dtype, device=device_of(x))
         if not self.steppable:
-            return self.model(x, s, **self.extra)
+            return split_prediction(self.model(x, s, **self.extra))
         ctx = StepContext(sigma, step=i, num_steps=self.num_steps)
         out, self.state = self.model.step(x, s, self.extra, ctx=ctx, state=self.state)
-        return out
+        return split_prediction(out)
 
 
 def euler_steps(
@@ -157,7 +159,10 @@ def euler_steps(
 
     Karras et al. 2022 (EDM), Algorithm 1 without the Heun correction, as in
     k-diffusion's ``sample_euler``: ``d = (x − D(x, σ_i))/σ_i`` and
-    ``x ← x + (σ_{i+1} − σ_i) d``.
+    ``x ← x + (σ_{i+1} − σ_i) d``. A rule that returns a
+    :class:`~smoothguide.rules.Prediction` (CFG++) gets
+    ``x ← D + σ_{i+1} (x − D_r)/σ_i`` instead, ``D_r`` its ``renoise``
+    (k-diffusion's ``sample_euler_cfg_pp``).
 
     Parameters
     ----------
@@ -193,9 +198,12 @@ def euler_steps(
 def _euler(xp: Any, denoise: _Denoise, x: Array, levels: list[float]) -> Iterator[SamplerStep]:
     for i in range(len(levels) - 1):
         s, s_next = levels[i], levels[i + 1]
-        denoised = denoise(xp, x, s, i)
-        d = (x - denoised) / s
-        x = x + (s_next - s) * d
+        denoised, renoise = denoise(xp, x, s, i)
+        if renoise is None:
+            d = (x - denoised) / s
+            x = x + (s_next - s) * d
+        else:  # CFG++: step to the guided x0, re-add the noise of the `renoise` prediction
+            x = denoised + s_next * ((x - renoise) / s)
         yield SamplerStep(i, s, s_next, x, denoised)
 
 
@@ -231,7 +239,9 @@ def ddim_steps(
 
     (the VP DDIM variance ``η² (1−ᾱ')/(1−ᾱ) (1 − ᾱ/ᾱ')`` divided by ``ᾱ'``,
     with ``ᾱ = 1/(1 + σ²)``; this equals k-diffusion's ancestral step). ``η = 0``
-    is deterministic DDIM, mathematically the Euler step.
+    is deterministic DDIM, mathematically the Euler step. A rule that returns a
+    :class:`~smoothguide.rules.Prediction` (CFG++) has ``ε̂`` computed from its
+    ``renoise`` prediction (Chung et al. 2025, Algorithm 1).
 
     Parameters
     ----------
@@ -281,10 +291,11 @@ def _ddim(
 ) -> Iterator[SamplerStep]:
     for i in range(len(levels) - 1):
         s, s_next = levels[i], levels[i + 1]
-        denoised = denoise(xp, x, s, i)
+        denoised, renoise = denoise(xp, x, s, i)
         sigma_up = min(s_next, eta * math.sqrt(s_next**2 * (s**2 - s_next**2) / s**2))
         sigma_down = math.sqrt(s_next**2 - sigma_up**2)
-        x = denoised + (sigma_down / s) * (x - denoised)
+        # CFG++ re-noises with the `renoise` prediction's noise estimate instead of the guided one.
+        x = denoised + (sigma_down / s) * (x - (denoised if renoise is None else renoise))
         if sigma_up > 0.0:
             if noise_sampler is None:
                 noise_sampler = _default_noise(x, seed)
