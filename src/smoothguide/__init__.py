@@ -17,12 +17,14 @@ from .energy import (
     smoothed_energy_hessian,
 )
 from .grid import TokenGrid
+from .layer_skip import LayerSkip
 from .perturbations import IdentityAttention, Perturbation, QuerySmoothing
 from .rules import (
     APG,
     CFG,
     PAG,
     SEG,
+    SLG,
     Compose,
     Constant,
     CosineRamp,
@@ -43,6 +45,7 @@ __all__ = [
     "CFG",
     "PAG",
     "SEG",
+    "SLG",
     "Branch",
     "Compose",
     "Constant",
@@ -52,6 +55,7 @@ __all__ = [
     "GuidedDenoiser",
     "IdentityAttention",
     "Interval",
+    "LayerSkip",
     "LinearRamp",
     "Perturbation",
     "Perturber",

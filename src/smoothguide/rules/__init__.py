@@ -1,4 +1,4 @@
-"""Guidance rules: CFG, SEG, PAG, APG, CFG rescale, schedules and composition.
+"""Guidance rules: CFG, SEG, PAG, SLG, APG, CFG rescale, schedules and composition.
 
 A rule declares the branch outputs it needs at a step and combines them; it
 never calls the model (see :mod:`smoothguide.rules.base`). Every built-in rule is
@@ -22,6 +22,7 @@ from .pag import PAG
 from .rescale import Rescale
 from .schedules import Constant, CosineRamp, Interval, LinearRamp, Schedule
 from .seg import SEG
+from .slg import SLG
 
 __all__ = [
     "APG",
@@ -29,6 +30,7 @@ __all__ = [
     "COND",
     "PAG",
     "SEG",
+    "SLG",
     "UNCOND",
     "Compose",
     "Constant",

@@ -27,7 +27,7 @@ from ._deps import torch
 from .heads import blur_query_rows, identity_rows
 from .layouts import Geometry, GeometryFn, LayerSpec, image_geometry
 
-__all__ = ["AttentionPatcher", "LayerSource"]
+__all__ = ["AttentionPatcher", "LayerSource", "register_perturbation"]
 
 _SDPA = torch._C._nn.scaled_dot_product_attention
 
