@@ -25,6 +25,7 @@ from .rules import (
     PAG,
     SEG,
     SLG,
+    TPG,
     Compose,
     Constant,
     CosineRamp,
@@ -37,6 +38,7 @@ from .rules import (
 )
 from .sampling import GuidedDenoiser, karras_sigmas, sample_ddim, sample_euler
 from .smoothing import blur_matrix, default_radius, gaussian_kernel1d, smooth_queries
+from .token_permutation import TokenPermutation
 
 __version__ = "0.1.0"
 
@@ -46,6 +48,7 @@ __all__ = [
     "PAG",
     "SEG",
     "SLG",
+    "TPG",
     "Branch",
     "Compose",
     "Constant",
@@ -63,6 +66,7 @@ __all__ = [
     "Rescale",
     "StepContext",
     "TokenGrid",
+    "TokenPermutation",
     "__version__",
     "attention",
     "attention_energy",

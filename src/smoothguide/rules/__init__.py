@@ -1,4 +1,4 @@
-"""Guidance rules: CFG, SEG, PAG, SLG, APG, CFG rescale, schedules and composition.
+"""Guidance rules: CFG, SEG, PAG, SLG, TPG, APG, CFG rescale, schedules and composition.
 
 A rule declares the branch outputs it needs at a step and combines them; it
 never calls the model (see :mod:`smoothguide.rules.base`). Every built-in rule is
@@ -23,6 +23,7 @@ from .rescale import Rescale
 from .schedules import Constant, CosineRamp, Interval, LinearRamp, Schedule
 from .seg import SEG
 from .slg import SLG
+from .tpg import TPG
 
 __all__ = [
     "APG",
@@ -31,6 +32,7 @@ __all__ = [
     "PAG",
     "SEG",
     "SLG",
+    "TPG",
     "UNCOND",
     "Compose",
     "Constant",

@@ -8,7 +8,8 @@ Needs the ``torch`` extra (``pip install 'smoothguide[torch]'``).
 - :class:`Geometry`, :func:`image_geometry`, :class:`LayerSpec`, :class:`ImageTokens`,
   :class:`JointTokens`: where each layer's token grid comes from.
 - :func:`register_perturbation`: run further perturbation kinds through the patcher
-  (:class:`~smoothguide.layer_skip.LayerSkip` is registered on import).
+  (:class:`~smoothguide.layer_skip.LayerSkip` and
+  :class:`~smoothguide.token_permutation.TokenPermutation` are registered on import).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .patching import AttentionPatcher, LayerSource, register_perturbation
 from .smoothing import smooth_queries
 
 # Registered with the patcher on import: perturbations outside the attention call.
+from . import permute as _permute  # noqa: F401  isort: skip
 from . import skip as _skip  # noqa: F401  isort: skip
 
 __all__ = [
