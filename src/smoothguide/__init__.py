@@ -26,6 +26,7 @@ from .rules import (
     SEG,
     SLG,
     TPG,
+    Autoguidance,
     Compose,
     Constant,
     CosineRamp,
@@ -39,6 +40,7 @@ from .rules import (
 from .sampling import GuidedDenoiser, karras_sigmas, sample_ddim, sample_euler
 from .smoothing import blur_matrix, default_radius, gaussian_kernel1d, smooth_queries
 from .token_permutation import TokenPermutation
+from .weak_model import WeakModel
 
 __version__ = "0.1.0"
 
@@ -49,6 +51,7 @@ __all__ = [
     "SEG",
     "SLG",
     "TPG",
+    "Autoguidance",
     "Branch",
     "Compose",
     "Constant",
@@ -67,6 +70,7 @@ __all__ = [
     "StepContext",
     "TokenGrid",
     "TokenPermutation",
+    "WeakModel",
     "__version__",
     "attention",
     "attention_energy",

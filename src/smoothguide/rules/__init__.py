@@ -7,6 +7,7 @@ The table of formulas, neutral values, branches and sources is ``docs/rules.md``
 """
 
 from .apg import APG
+from .autoguidance import Autoguidance
 from .base import (
     COND,
     UNCOND,
@@ -34,6 +35,7 @@ __all__ = [
     "SLG",
     "TPG",
     "UNCOND",
+    "Autoguidance",
     "Compose",
     "Constant",
     "CosineRamp",

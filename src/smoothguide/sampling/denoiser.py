@@ -21,6 +21,7 @@ import array_api_compat
 from .._array import Array, namespace
 from ..branches import Branch, Perturber
 from ..rules.base import GuidanceRule, StepContext
+from ..weak_model import WeakModel
 
 __all__ = ["GuidedDenoiser", "SteppableDenoiser", "batch_order"]
 
@@ -264,8 +265,11 @@ class GuidedDenoiser:
         sigma: Any,
         cond: Mapping[str, Any] | None = None,
     ) -> dict[Branch, Array]:
-        """Run the model for ``branches`` (batched or not) and return ``{branch: output}``."""
-        xp = namespace(x)
+        """Run the model for ``branches`` (batched or not) and return ``{branch: output}``.
+
+        A branch whose perturbation is a :class:`~smoothguide.weak_model.WeakModel`
+        is evaluated by that model, in a call of its own.
+        """
         if x.ndim < 1:
             raise ValueError(f"x must have a leading batch axis, got shape {tuple(x.shape)}")
         cond = {} if cond is None else dict(cond)
@@ -273,6 +277,20 @@ class GuidedDenoiser:
         if not order:
             raise ValueError("branches must not be empty: a rule needs at least one branch")
         batch = int(x.shape[0])
+        # Branches of another model (autoguidance) run outside the main model's call.
+        weak = [b for b in order if isinstance(b.perturbation, WeakModel)]
+        order = [b for b in order if b not in weak]
+        outputs = self._evaluate_main(order, x, sigma, cond, batch) if order else {}
+        for b in weak:
+            assert isinstance(b.perturbation, WeakModel)
+            out = b.perturbation.model(x, sigma, **self._branch_kwargs(b, cond, batch))
+            outputs[b] = _check_output(out, batch, x)
+        return outputs
+
+    def _evaluate_main(
+        self, order: list[Branch], x: Array, sigma: Any, cond: dict[str, Any], batch: int
+    ) -> dict[Branch, Array]:
+        xp = namespace(x)
         for b in order:
             if b.perturbation is not None and self.perturber is None:
                 raise ValueError(
