@@ -23,6 +23,7 @@ from .rules import (
     APG,
     CFG,
     PAG,
+    SAG,
     SEG,
     SLG,
     TPG,
@@ -37,6 +38,7 @@ from .rules import (
     Rescale,
     StepContext,
 )
+from .sag import AttentionMaskedBlur
 from .sampling import GuidedDenoiser, karras_sigmas, sample_ddim, sample_euler
 from .smoothing import blur_matrix, default_radius, gaussian_kernel1d, smooth_queries
 from .token_permutation import TokenPermutation
@@ -48,9 +50,11 @@ __all__ = [
     "APG",
     "CFG",
     "PAG",
+    "SAG",
     "SEG",
     "SLG",
     "TPG",
+    "AttentionMaskedBlur",
     "Autoguidance",
     "Branch",
     "Compose",

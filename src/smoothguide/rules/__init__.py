@@ -1,4 +1,4 @@
-"""Guidance rules: CFG, SEG, PAG, SLG, TPG, APG, CFG rescale, schedules and composition.
+"""Guidance rules: CFG, SEG, PAG, SAG, SLG, TPG, autoguidance, APG, rescale, schedules, composition.
 
 A rule declares the branch outputs it needs at a step and combines them; it
 never calls the model (see :mod:`smoothguide.rules.base`). Every built-in rule is
@@ -21,6 +21,7 @@ from .cfg import CFG
 from .compose import Compose
 from .pag import PAG
 from .rescale import Rescale
+from .sag import SAG
 from .schedules import Constant, CosineRamp, Interval, LinearRamp, Schedule
 from .seg import SEG
 from .slg import SLG
@@ -31,6 +32,7 @@ __all__ = [
     "CFG",
     "COND",
     "PAG",
+    "SAG",
     "SEG",
     "SLG",
     "TPG",

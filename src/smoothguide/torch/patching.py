@@ -590,6 +590,14 @@ class AttentionPatcher:
             for handle in self._layer_handles.pop(name):
                 handle.remove()
 
+    def capture_attention(
+        self, layers: LayerSelection, rows: Sequence[int]
+    ) -> AbstractContextManager[Any]:
+        """Record one layer's attention probabilities on ``rows`` (SAG's map); see ``.sag``."""
+        from .sag import capture_attention  # SAG support lives in its own module
+
+        return capture_attention(self, layers, rows)
+
     # ------------------------------------------------------------- attention
     def _grid(self, name: str, num_tokens: int) -> tuple[TokenGrid, Geometry]:
         calls = self._local.calls
