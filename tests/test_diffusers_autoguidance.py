@@ -76,3 +76,11 @@ def test_own_denoiser_as_weak_model_is_refused(pipe: Any) -> None:
     with pytest.raises(ValueError, match="own denoiser"):
         call(GuidedPipeline(pipe, Autoguidance(2.0, model=pipe.unet)), steps=1)
     assert no_hooks(pipe.unet)
+
+
+def test_sag_in_a_pipeline_is_a_clear_error(pipe: Any) -> None:
+    from smoothguide import SAG
+
+    with pytest.raises(NotImplementedError, match="GuidedDenoiser"):
+        call(GuidedPipeline(pipe, SAG(0.5)), steps=1)
+    assert no_hooks(pipe.unet)

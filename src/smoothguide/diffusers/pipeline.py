@@ -34,6 +34,7 @@ from ..rules.base import GuidanceRule, StepContext
 from ..sampling.denoiser import _batch_order
 from ..torch import AttentionPatcher
 from ..torch._deps import torch
+from ..sag import AttentionMaskedBlur
 from ..weak_model import WeakModel
 from ._deps import diffusers
 from .family import patcher_for
@@ -455,6 +456,11 @@ class GuidedPipeline:
                     "unconditional branch)"
                 )
             start = incoming.index(b.conditioning) * chunk
+            if isinstance(b.perturbation, AttentionMaskedBlur):
+                raise NotImplementedError(
+                    "SAG (AttentionMaskedBlur) needs a second, dependent forward per step, which "
+                    "GuidedPipeline does not run; use smoothguide.GuidedDenoiser for SAG"
+                )
             if isinstance(b.perturbation, WeakModel):  # autoguidance: run by its own model
                 if b.perturbation.model is self.denoiser:
                     raise ValueError("WeakModel's model must not be the pipeline's own denoiser")
