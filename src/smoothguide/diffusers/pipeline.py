@@ -31,10 +31,10 @@ from typing import Any
 
 from ..branches import Branch
 from ..rules.base import GuidanceRule, StepContext
+from ..sag import AttentionMaskedBlur
 from ..sampling.denoiser import _batch_order
 from ..torch import AttentionPatcher
 from ..torch._deps import torch
-from ..sag import AttentionMaskedBlur
 from ..weak_model import WeakModel
 from ._deps import diffusers
 from .family import patcher_for
