@@ -139,3 +139,14 @@ def test_tpg_rule_formula_and_neutral_scale() -> None:
     assert TPG(0.0).branches(StepContext(1.0)) == (COND,)
     with pytest.raises(ValueError, match="seed"):
         TokenPermutation(-1)
+
+
+def test_hooks_removed_after_an_exception() -> None:
+    unet = tiny_unet()
+    x, t, ehs = unet_inputs()
+    plain = unet_run(unet, x, t, ehs)
+    patcher = patcher_for(unet)
+    with pytest.raises(RuntimeError), patcher.perturb(TokenPermutation(layers="mid"), rows=[1]):
+        unet_run(unet, x[:, :3], t, ehs)  # wrong channels: the forward raises
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in unet.modules())
+    assert torch.equal(unet_run(unet, x, t, ehs), plain)

@@ -1,4 +1,4 @@
-"""Autoguidance in GuidedPipeline: a second, weaker UNet evaluates the weak branch (tiny SD)."""
+"""GuidedPipeline with the SEG siblings on a tiny SD: autoguidance (a second UNet), SLG, TPG, SAG."""
 
 from __future__ import annotations
 
@@ -84,3 +84,38 @@ def test_sag_in_a_pipeline_is_a_clear_error(pipe: Any) -> None:
     with pytest.raises(NotImplementedError, match="GuidedDenoiser"):
         call(GuidedPipeline(pipe, SAG(0.5)), steps=1)
     assert no_hooks(pipe.unet)
+
+
+@pytest.mark.parametrize("kind", ["slg", "tpg"])
+def test_slg_and_tpg_run_batched_in_guided_pipeline(pipe: Any, kind: str) -> None:
+    """What the scheduler receives is u + 3 (c − u) + 2 (c − p) of the UNet's own batched rows."""
+    from smoothguide import SLG, TPG
+
+    rule: Any = (
+        SLG(2.0, layers="mid", cfg_scale=3.0, start=0.0, stop=1.0)
+        if kind == "slg"
+        else TPG(2.0, layers="mid", cfg_scale=3.0)
+    )
+    raw: list[Any] = []
+    used: list[Any] = []
+    handle = pipe.unet.register_forward_hook(lambda m, a, out: raw.append(out[0].clone()))
+    step = pipe.scheduler.step
+
+    def recording_step(model_output: Any, *args: Any, **kwargs: Any) -> Any:
+        used.append(model_output.clone())
+        return step(model_output, *args, **kwargs)
+
+    pipe.scheduler.step = recording_step
+    try:
+        call(GuidedPipeline(pipe, rule), steps=3)
+    finally:
+        del pipe.scheduler.step
+        handle.remove()
+    assert no_hooks(pipe.unet)
+    # SLG's window (diffusers): int(0 * 3) < step < int(1 * 3), so steps 1 and 2; TPG: every step
+    active = [1, 2] if kind == "slg" else [0, 1, 2]
+    assert [r.shape[0] for r in raw] == [3 if i in active else 2 for i in range(3)]
+    for i in active:
+        u, c, p = raw[i].chunk(3)
+        assert not torch.allclose(c, p)  # the perturbation really acts
+        torch.testing.assert_close(used[i], u + 3.0 * (c - u) + 2.0 * (c - p), rtol=1e-5, atol=1e-6)
