@@ -1,4 +1,4 @@
-"""GuidedPipeline with the SEG siblings on a tiny SD: autoguidance (a second UNet), SLG, TPG, SAG."""
+"""GuidedPipeline with SEG siblings on a tiny SD: autoguidance (a second UNet), SLG, TPG, SAG."""
 
 from __future__ import annotations
 
