@@ -24,7 +24,13 @@ from diffusers.hooks.layer_skip import _apply_layer_skip_hook  # noqa: E402
 from smoothguide import LayerSkip  # noqa: E402
 from smoothguide.diffusers import patcher_for  # noqa: E402
 from smoothguide.rules import COND, SLG, UNCOND, StepContext  # noqa: E402
-from test_diffusers_transformers import inputs, make_dit, make_sd3  # noqa: E402
+from test_diffusers_transformers import (  # noqa: E402
+    inputs,
+    make_cogvideox,
+    make_dit,
+    make_sd3,
+    make_wan,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -72,6 +78,11 @@ def dit() -> torch.nn.Module:
     return make_dit()
 
 
+@pytest.fixture(scope="module")
+def video() -> dict[str, torch.nn.Module]:
+    return {"wan": make_wan(), "cogvideox": make_cogvideox()}
+
+
 def test_sd3_block_skip_equals_diffusers_skip_layers(sd3: torch.nn.Module) -> None:
     kw = inputs("sd3", sd3, 3, (3, 5))
     plain = _run(sd3, kw)
@@ -115,6 +126,32 @@ def test_dit_skips_equal_diffusers_layer_skip_hooks(
     with patcher_for(dit).perturb(LayerSkip(skip, layers=layer), rows=[0]):  # type: ignore[arg-type]
         out = _run(dit, kw)
     _assert_rows(out, plain, ref, [0])
+
+
+@pytest.mark.parametrize(
+    ("family", "fqn", "size"),
+    [("wan", "blocks", (3, 2, 5)), ("cogvideox", "transformer_blocks", (3, 2, 5))],
+)
+@pytest.mark.parametrize(
+    ("skip", "config"),
+    [("block", dict(skip_attention=True, skip_ff=True)), ("ff", dict(skip_attention=False))],
+)
+def test_video_stg_r_and_ff_skip_equal_diffusers_layer_skip_hooks(
+    video: dict[str, torch.nn.Module],
+    family: str,
+    fqn: str,
+    size: tuple[int, int, int],
+    skip: str,
+    config: dict[str, bool],
+) -> None:
+    """STG-R (whole block) and feed-forward skips on tiny video transformers."""
+    model = video[family]
+    kw = inputs(family, model, 2, size)
+    plain = _run(model, kw)
+    ref = _with_diffusers_skip(model, kw, LayerSkipConfig([1], fqn=fqn, **config))
+    with patcher_for(model).perturb(LayerSkip(skip, layers="block.1"), rows=[1]):  # type: ignore[arg-type]
+        out = _run(model, kw)
+    _assert_rows(out, plain, ref, [1])
 
 
 def test_hooks_removed_after_exception_and_unknown_paths_are_errors(sd3: torch.nn.Module) -> None:

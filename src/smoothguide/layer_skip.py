@@ -38,8 +38,9 @@ class LayerSkip(Perturbation):
         normalised input instead of the attention output (diffusers'
         ``skip_attention``).
     ``"ff"``
-        the block's feed-forward modules (``ff``, and ``ff_context`` of joint
-        blocks) return their input (diffusers' ``skip_ff``).
+        the block's feed-forward modules (``ff``, ``ff_context`` of joint blocks,
+        ``ffn``, or any ``FeedForward`` inside it) return their input (diffusers'
+        ``skip_ff``).
 
     Only the perturbed branch's batch rows are changed. For STG-A (the
     attention map replaced by the identity) use

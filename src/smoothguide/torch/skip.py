@@ -32,7 +32,9 @@ BLOCK_OUTPUTS: dict[str, tuple[str, ...]] = {
     "FluxSingleTransformerBlock": ("encoder_hidden_states", "hidden_states"),
 }
 _DEFAULT_TUPLE = ("hidden_states", "encoder_hidden_states")
-_FF_NAMES = ("ff", "ff_context")
+_FF_NAMES = ("ff", "ff_context", "ffn")
+#: Feed-forward classes by name (diffusers' ``_FEEDFORWARD_CLASSES``), found without importing it.
+_FF_CLASSES = ("FeedForward", "LuminaFeedForward")
 
 
 def _parent(name: str) -> str:
@@ -68,11 +70,19 @@ def module_targets(patcher: AttentionPatcher, p: LayerSkip) -> dict[str, torch.n
             names.append(_parent(layer))
         else:
             block = _parent(layer)
-            found = [f"{block}.{n}" for n in _FF_NAMES if f"{block}.{n}" in modules]
+            inside = [
+                n
+                for n, m in modules.items()
+                if n.startswith(block + ".")
+                and (type(m).__name__ in _FF_CLASSES or n.rsplit(".", 1)[1] in _FF_NAMES)
+            ]
+            # outermost only: a feed-forward nested in another one is skipped with it
+            found = [n for n in inside if not any(n.startswith(o + ".") for o in inside)]
             if not found:
                 raise ValueError(
                     f"block {block!r} of attention layer {layer!r} has no feed-forward module "
-                    f"named {_FF_NAMES}; LayerSkip('ff') cannot be applied there"
+                    f"(named {_FF_NAMES} or of class {_FF_CLASSES}); LayerSkip('ff') cannot be "
+                    "applied there"
                 )
             names.extend(found)
     order = {n: i for i, n in enumerate(modules)}
