@@ -28,6 +28,7 @@ from test_diffusers_transformers import (  # noqa: E402
     inputs,
     make_cogvideox,
     make_dit,
+    make_flux,
     make_sd3,
     make_wan,
 )
@@ -152,6 +153,30 @@ def test_video_stg_r_and_ff_skip_equal_diffusers_layer_skip_hooks(
     with patcher_for(model).perturb(LayerSkip(skip, layers="block.1"), rows=[1]):  # type: ignore[arg-type]
         out = _run(model, kw)
     _assert_rows(out, plain, ref, [1])
+
+
+@pytest.mark.parametrize("layer", ["double.1", "single.0"])
+def test_flux_block_skip_equals_hand_identity_blocks(layer: str) -> None:
+    """Flux blocks return ``(encoder_hidden_states, hidden_states)``; a skipped block returns
+    its two inputs in that order (reference: a hand forward hook; diffusers' own whole-block
+    hook returns them swapped)."""
+    model = make_flux()
+    kw = inputs("flux", model, 2, (3, 5))
+    plain = _run(model, kw)
+    kind, index = layer.split(".")
+    stack = model.transformer_blocks if kind == "double" else model.single_transformer_blocks
+
+    def identity(mod: Any, args: Any, kwargs: dict[str, Any], out: Any) -> Any:
+        return kwargs["encoder_hidden_states"], kwargs["hidden_states"]
+
+    handle = stack[int(index)].register_forward_hook(identity, with_kwargs=True)
+    try:
+        ref = _run(model, kw)
+    finally:
+        handle.remove()
+    with patcher_for(model).perturb(LayerSkip(layers=layer), rows=[0]):
+        out = _run(model, kw)
+    _assert_rows(out, plain, ref, [0])
 
 
 def test_hooks_removed_after_exception_and_unknown_paths_are_errors(sd3: torch.nn.Module) -> None:
