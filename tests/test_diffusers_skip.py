@@ -99,6 +99,33 @@ def test_sd3_block_skip_equals_diffusers_skip_layers(sd3: torch.nn.Module) -> No
     _assert_rows(out0, plain, ref0, [1])
 
 
+def test_sd3_last_block_and_joint_attention_skips(sd3: torch.nn.Module) -> None:
+    """The last joint block (``context_pre_only``: returns ``(None, hidden_states)``) against
+    SD3's ``skip_layers``; the joint attention skip against a hand forward hook that returns
+    the attention's two inputs (diffusers 0.42 has no skip function for JointAttnProcessor2_0)."""
+    kw = inputs("sd3", sd3, 2, (3, 5))
+    plain = _run(sd3, kw)
+    patcher = patcher_for(sd3)
+    ref = _run(sd3, kw, skip_layers=[2])
+    with patcher.perturb(LayerSkip(layers="block.2"), rows=[1]):
+        out = _run(sd3, kw)
+    _assert_rows(out, plain, ref, [1])
+
+    attn = sd3.transformer_blocks[1].attn
+
+    def identity(mod: Any, args: Any, kwargs: dict[str, Any], output: Any) -> Any:
+        return kwargs["hidden_states"], kwargs["encoder_hidden_states"]
+
+    handle = attn.register_forward_hook(identity, with_kwargs=True)
+    try:
+        ref = _run(sd3, kw)
+    finally:
+        handle.remove()
+    with patcher.perturb(LayerSkip("attention", layers="block.1"), rows=[0]):
+        out = _run(sd3, kw)
+    _assert_rows(out, plain, ref, [0])
+
+
 def test_sd3_ff_skip_equals_diffusers_layer_skip_hook(sd3: torch.nn.Module) -> None:
     kw = inputs("sd3", sd3, 2, (3, 5))
     plain = _run(sd3, kw)

@@ -106,8 +106,8 @@ def _stored_probs(unet: Any, x: torch.Tensor, ehs: torch.Tensor) -> tuple[torch.
     return store.attention_probs, tuple(size[0])
 
 
-@pytest.mark.parametrize("cfg", [1.0, 3.0])
-def test_sag_step_equals_hand_implementation_on_a_tiny_unet(cfg: float) -> None:
+@pytest.mark.parametrize(("cfg", "batched"), [(1.0, True), (3.0, True), (3.0, False)])
+def test_sag_step_equals_hand_implementation_on_a_tiny_unet(cfg: float, batched: bool) -> None:
     unet = tiny_unet()
     model = Den(unet)
     g = torch.Generator().manual_seed(3)
@@ -117,7 +117,11 @@ def test_sag_step_equals_hand_implementation_on_a_tiny_unet(cfg: float) -> None:
     sigma, s = 0.8, 0.75
     rule = SAG(s, layers=MID, cfg_scale=cfg)
     guided = GuidedDenoiser(
-        model, rule, uncond={"encoder_hidden_states": null}, perturber=patcher_for(unet)
+        model,
+        rule,
+        uncond={"encoder_hidden_states": null},
+        perturber=patcher_for(unet),
+        batched=batched,
     )
     out = guided(x, sigma, encoder_hidden_states=text)
 
