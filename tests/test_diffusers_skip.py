@@ -249,3 +249,23 @@ def test_slg_rule_equals_diffusers_skip_layer_guidance(cfg_scale: float) -> None
         got, _ = rule.combine({b: outputs[b] for b in needed}, ctx)
         np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=1e-13, atol=1e-13)
     assert SLG(0.0).branches(StepContext(1.0)) == (COND,)
+
+
+def test_other_threads_are_not_skipped_or_permuted(dit: torch.nn.Module) -> None:
+    import threading
+
+    from smoothguide import TokenPermutation
+
+    kw = inputs("dit", dit, 2, (4, 4))
+    plain = _run(dit, kw)
+    patcher = patcher_for(dit)
+    layer = "transformer_blocks.0.attn1"
+    for p in (LayerSkip(layers=layer), TokenPermutation(layers=layer)):
+        seen: list[torch.Tensor] = []
+        with patcher.perturb(p, rows=[0, 1]):
+            worker = threading.Thread(target=lambda: seen.append(_run(dit, kw)))
+            worker.start()
+            worker.join()
+            mine = _run(dit, kw)
+        assert torch.equal(seen[0], plain)  # the other thread ran the plain model
+        assert not torch.equal(mine, plain)
