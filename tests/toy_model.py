@@ -105,6 +105,8 @@ class ToyAttentionDenoiser:
                 "the toy model executes QuerySmoothing and IdentityAttention, "
                 f"got {type(perturbation).__name__}"
             )
+        if perturbation.heads is not None:  # one head: a head subset is not meaningful here
+            raise ValueError("the toy model has a single attention head; heads must be None")
         layers = self.layer_names if perturbation.layers is None else perturbation.layers
         unknown = [n for n in layers if n not in self.layer_names]
         if unknown:
@@ -168,12 +170,20 @@ class ToyAttentionDenoiser:
             p = self._rows_perturbation(name, i)
             if p is None:
                 rows.append(plain[i : i + 1, ...])
-            elif isinstance(p, IdentityAttention):
-                rows.append(v[i : i + 1, ...])
+            elif isinstance(p, IdentityAttention):  # soft PAG: (1 - w) A V + w V
+                att = attention(q[i : i + 1, ...], k[i : i + 1, ...], v[i : i + 1, ...])
+                w = p.weight
+                rows.append(
+                    v[i : i + 1, ...] if w == 1.0 else (1.0 - w) * att + w * v[i : i + 1, ...]
+                )
             else:
                 assert isinstance(p, QuerySmoothing)
                 q_i = smooth_queries(
-                    q[i : i + 1, ...], self.grid, p.sigma, radius=p.radius, mode=p.mode
+                    q[i : i + 1, ...],
+                    self.grid,
+                    p.absolute_sigma(self.grid),
+                    radius=p.radius,
+                    mode=p.mode,
                 )
                 rows.append(attention(q_i, k[i : i + 1, ...], v[i : i + 1, ...]))
         out = rows[0] if len(rows) == 1 else xp.concat(rows, axis=0)

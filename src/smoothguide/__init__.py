@@ -17,6 +17,7 @@ from .energy import (
     smoothed_energy_hessian,
 )
 from .grid import TokenGrid
+from .layer_skip import LayerSkip
 from .perturbations import IdentityAttention, Perturbation, QuerySmoothing
 from .rules import (
     APG,
@@ -24,8 +25,12 @@ from .rules import (
     FDG,
     MAMBOG,
     PAG,
+    SAG,
     SEG,
+    SLG,
     TCFG,
+    TPG,
+    Autoguidance,
     CFGPlusPlus,
     CFGZeroStar,
     Compose,
@@ -39,8 +44,11 @@ from .rules import (
     Rescale,
     StepContext,
 )
+from .sag import AttentionMaskedBlur
 from .sampling import GuidedDenoiser, karras_sigmas, sample_ddim, sample_euler
 from .smoothing import blur_matrix, default_radius, gaussian_kernel1d, smooth_queries
+from .token_permutation import TokenPermutation
+from .weak_model import WeakModel
 
 __version__ = "0.1.0"
 
@@ -50,8 +58,13 @@ __all__ = [
     "FDG",
     "MAMBOG",
     "PAG",
+    "SAG",
     "SEG",
+    "SLG",
     "TCFG",
+    "TPG",
+    "AttentionMaskedBlur",
+    "Autoguidance",
     "Branch",
     "CFGPlusPlus",
     "CFGZeroStar",
@@ -63,6 +76,7 @@ __all__ = [
     "GuidedDenoiser",
     "IdentityAttention",
     "Interval",
+    "LayerSkip",
     "LinearRamp",
     "Perturbation",
     "Perturber",
@@ -71,6 +85,8 @@ __all__ = [
     "Rescale",
     "StepContext",
     "TokenGrid",
+    "TokenPermutation",
+    "WeakModel",
     "__version__",
     "attention",
     "attention_energy",

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .grid import TokenGrid
 from .smoothing import Mode, _check_mode, _check_sigma
 
 __all__ = [
@@ -39,6 +40,21 @@ def _normalize_layers(layers: LayerSelection) -> tuple[str, ...] | None:
     if len(layers) == 0:
         raise ValueError("layers must not be empty; pass None for the adapter's default")
     return tuple(layers)
+
+
+def _normalize_heads(heads: object) -> tuple[int, ...] | None:
+    """``None`` (every head) or a non-empty tuple of distinct head indices >= 0, sorted."""
+    if heads is None:
+        return None
+    items = (heads,) if isinstance(heads, int) else heads
+    if isinstance(items, str | bytes) or not isinstance(items, Sequence):
+        raise TypeError(f"heads must be None, an int or a sequence of ints, got {heads!r}")
+    out = tuple(items)
+    if not out or not all(isinstance(h, int) and not isinstance(h, bool) and h >= 0 for h in out):
+        raise ValueError(f"heads must be None or a non-empty sequence of ints >= 0, got {heads!r}")
+    if len(set(out)) != len(out):
+        raise ValueError(f"heads must not repeat, got {heads!r}")
+    return tuple(sorted(out))
 
 
 @dataclass(frozen=True)
@@ -80,7 +96,17 @@ class QuerySmoothing(Perturbation):
         Boundary mode with SciPy's meaning (``"reflect"``, ``"mirror"``,
         ``"nearest"``, ``"wrap"``).
     radius
-        Kernel radius in tokens; ``None`` uses :func:`~smoothguide.default_radius`.
+        Kernel radius in tokens; ``None`` uses :func:`~smoothguide.default_radius`
+        of the (absolute) σ.
+    heads
+        Attention heads to blur (indices into the layer's head axis); ``None``
+        (default) blurs every head. HeadHunter-style per-head SEG
+        (arXiv:2506.10978).
+    relative
+        ``False`` (default): σ is in tokens. ``True``: σ is a fraction of the
+        token grid's shorter side, ``σ_abs = σ · min(h, w)`` on every axis, so
+        one setting means the same blur at every resolution and aspect ratio
+        (:meth:`absolute_sigma`).
     layers
         See :class:`Perturbation`.
 
@@ -90,11 +116,18 @@ class QuerySmoothing(Perturbation):
     10.0
     >>> QuerySmoothing(float("inf"), layers="mid").layers
     ('mid',)
+    >>> QuerySmoothing(2.0, heads=(2, 0)).heads
+    (0, 2)
+    >>> from smoothguide import TokenGrid
+    >>> QuerySmoothing(0.1, relative=True).absolute_sigma(TokenGrid(32, 48))
+    3.2
     """
 
     sigma: float | tuple[float, ...] = math.inf
     mode: Mode = "reflect"
     radius: int | None = None
+    heads: tuple[int, ...] | None = field(default=None, kw_only=True)
+    relative: bool = field(default=False, kw_only=True)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -104,6 +137,9 @@ class QuerySmoothing(Perturbation):
             isinstance(self.radius, bool) or not isinstance(self.radius, int) or self.radius < 0
         ):
             raise ValueError(f"radius must be None or an int >= 0, got {self.radius!r}")
+        object.__setattr__(self, "heads", _normalize_heads(self.heads))
+        if not isinstance(self.relative, bool):
+            raise TypeError(f"relative must be True or False, got {self.relative!r}")
 
     @property
     def is_identity(self) -> bool:
@@ -111,16 +147,42 @@ class QuerySmoothing(Perturbation):
         s = self.sigma
         return s == 0.0 if isinstance(s, float) else all(x == 0.0 for x in s)
 
+    def absolute_sigma(self, grid: TokenGrid) -> float | tuple[float, ...]:
+        """σ in tokens on ``grid``: ``sigma`` itself, or ``sigma · min(h, w)`` when relative.
+
+        Parameters
+        ----------
+        grid
+            The layer's :class:`~smoothguide.TokenGrid`.
+
+        Returns
+        -------
+        float or tuple of float
+            Same structure as ``sigma`` (``inf`` and ``0`` stay as they are).
+        """
+        if not self.relative:
+            return self.sigma
+        side = float(min(grid.height, grid.width))
+        s = self.sigma
+        return s * side if isinstance(s, float) else tuple(x * side for x in s)
+
 
 @dataclass(frozen=True)
 class IdentityAttention(Perturbation):
     """PAG's perturbation: replace the self-attention map by the identity (Ahn et al. 2024).
 
     Each token then attends only to itself, so the attention output equals the
-    values ``V`` (before the output projection).
+    values ``V`` (before the output projection). With ``weight = w < 1`` the map
+    is interpolated toward the identity instead, ``A' = (1 − w) A + w I``, so the
+    output is ``(1 − w) softmax(QKᵀ/√d) V + w V`` (soft PAG of HeadHunter,
+    arXiv:2506.10978); ``w = 1`` is PAG, ``w = 0`` the plain model.
 
     Parameters
     ----------
+    weight
+        Interpolation weight ``w`` in ``[0, 1]`` (default 1: PAG).
+    heads
+        Attention heads to perturb; ``None`` (default) perturbs every head.
     layers
         See :class:`Perturbation`.
 
@@ -128,6 +190,23 @@ class IdentityAttention(Perturbation):
     --------
     >>> IdentityAttention(layers=("mid",)).layers
     ('mid',)
+    >>> IdentityAttention(weight=0.25, heads=[1]).heads
+    (1,)
     """
 
     kind: Literal["identity"] = "identity"
+    weight: float = field(default=1.0, kw_only=True)
+    heads: tuple[int, ...] | None = field(default=None, kw_only=True)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        w = self.weight
+        if isinstance(w, bool) or not isinstance(w, int | float) or not 0.0 <= float(w) <= 1.0:
+            raise ValueError(f"weight must be a number in [0, 1], got {w!r}")
+        object.__setattr__(self, "weight", float(w))
+        object.__setattr__(self, "heads", _normalize_heads(self.heads))
+
+    @property
+    def is_identity(self) -> bool:
+        """True when the model is left unchanged (``weight == 0``)."""
+        return self.weight == 0.0

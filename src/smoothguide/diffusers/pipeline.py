@@ -32,9 +32,11 @@ from typing import Any
 from ..branches import Branch
 from ..rules._prediction import Prediction
 from ..rules.base import GuidanceRule, StepContext
+from ..sag import AttentionMaskedBlur
 from ..sampling.denoiser import _batch_order
 from ..torch import AttentionPatcher
 from ..torch._deps import torch
+from ..weak_model import WeakModel
 from ._deps import diffusers
 from .family import patcher_for
 
@@ -287,6 +289,8 @@ class _Step:
     ctx: StepContext
     stack: ExitStack = field(default_factory=ExitStack)
     position: int | None = None  # index of the call within a sequential step
+    # autoguidance branches: (branch, args, kwargs) of their rows, run by their own model
+    weak: list[tuple[Branch, Any, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -454,6 +458,7 @@ class GuidedPipeline:
             )
         chunk = batch // len(incoming)
         rows: list[int] = []
+        weak = []
         for b in order:
             if b.conditioning not in incoming:
                 raise RuntimeError(
@@ -462,9 +467,21 @@ class GuidedPipeline:
                     "unconditional branch)"
                 )
             start = incoming.index(b.conditioning) * chunk
+            if isinstance(b.perturbation, AttentionMaskedBlur):
+                raise NotImplementedError(
+                    "SAG (AttentionMaskedBlur) needs a second, dependent forward per step, which "
+                    "GuidedPipeline does not run; use smoothguide.GuidedDenoiser for SAG"
+                )
+            if isinstance(b.perturbation, WeakModel):  # autoguidance: run by its own model
+                if b.perturbation.model is self.denoiser:
+                    raise ValueError("WeakModel's model must not be the pipeline's own denoiser")
+                ix = torch.arange(start, start + chunk, device=sample.device)
+                weak.append((b, _map_rows(args, batch, ix), _map_rows(kwargs, batch, ix)))
+                continue
             rows.extend(range(start, start + chunk))
+        order = [b for b in order if not isinstance(b.perturbation, WeakModel)]
         index = torch.tensor(rows, device=sample.device)
-        step = _Step(order, chunk, batch, ctx, position=position)
+        step = _Step(order, chunk, batch, ctx, position=position, weak=weak)
         self._steps.append(step)
         for j, b in enumerate(order):
             if b.perturbation is not None:
@@ -482,6 +499,10 @@ class GuidedPipeline:
         sample = output[0] if isinstance(output, tuple) else output.sample
         chunk = step.chunk
         outputs = {b: sample[j * chunk : (j + 1) * chunk] for j, b in enumerate(step.order)}
+        for b, w_args, w_kwargs in step.weak:
+            assert isinstance(b.perturbation, WeakModel)
+            w_out = b.perturbation.model(*w_args, **w_kwargs)
+            outputs[b] = w_out[0] if isinstance(w_out, tuple) else w_out.sample
         if step.position is not None:
             full = self._sequential_result(step.position, outputs)
         else:

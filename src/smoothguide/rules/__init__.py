@@ -1,4 +1,5 @@
-"""Guidance rules: CFG, SEG, PAG, APG, CFG-Zero*, TCFG, FDG, MAMBO-G, CFG++, rescale, schedules.
+"""Guidance rules: CFG, SEG, PAG, SAG, SLG, TPG, autoguidance, APG, CFG-Zero*, TCFG, FDG,
+MAMBO-G, CFG++, rescale, schedules, composition.
 
 A rule declares the branch outputs it needs at a step and combines them; it
 never calls the model (see :mod:`smoothguide.rules.base`). Every built-in rule is
@@ -8,6 +9,7 @@ The table of formulas, neutral values, branches and sources is ``docs/rules.md``
 
 from ._prediction import Prediction
 from .apg import APG
+from .autoguidance import Autoguidance
 from .base import (
     COND,
     UNCOND,
@@ -25,9 +27,12 @@ from .fdg import FDG
 from .mambo import MAMBOG
 from .pag import PAG
 from .rescale import Rescale
+from .sag import SAG
 from .schedules import Constant, CosineRamp, Interval, LinearRamp, Schedule
 from .seg import SEG
+from .slg import SLG
 from .tcfg import TCFG
+from .tpg import TPG
 
 __all__ = [
     "APG",
@@ -36,9 +41,13 @@ __all__ = [
     "FDG",
     "MAMBOG",
     "PAG",
+    "SAG",
     "SEG",
+    "SLG",
     "TCFG",
+    "TPG",
     "UNCOND",
+    "Autoguidance",
     "CFGPlusPlus",
     "CFGZeroStar",
     "Compose",

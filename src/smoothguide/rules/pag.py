@@ -11,7 +11,8 @@ from ..branches import Branch
 from ..perturbations import IdentityAttention, LayerSelection
 from .base import COND, StepContext, Term, branch_output, check_scale, unique_branches
 from .cfg import CFG
-from .schedules import ALWAYS, Schedule, check_schedule, weight
+from .schedules import ALWAYS, Schedule, check_schedule
+from .schedules import weight as schedule_weight
 
 __all__ = ["PAG"]
 
@@ -43,6 +44,11 @@ class PAG(Term):
         CFG scale ``w >= 0``; 1 disables CFG.
     schedule, cfg_schedule
         Weights of the PAG term and of the CFG term per step.
+    weight
+        Soft PAG (HeadHunter, arXiv:2506.10978): the map becomes
+        ``(1 − weight) A + weight I``; 1 (default) is PAG, 0 turns the term off.
+    heads
+        Attention heads to perturb (``None``: all), per-head PAG.
 
     Examples
     --------
@@ -60,19 +66,31 @@ class PAG(Term):
     cfg_scale: float = 1.0
     schedule: Schedule = ALWAYS
     cfg_schedule: Schedule = ALWAYS
+    weight: float = 1.0
+    heads: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scale", check_scale(self.scale, "scale"))
         object.__setattr__(self, "cfg_scale", check_scale(self.cfg_scale, "cfg_scale"))
         check_schedule(self.schedule)
         check_schedule(self.cfg_schedule, "cfg_schedule")
-        layers = IdentityAttention(layers=self.layers).layers  # type: ignore[arg-type]
-        object.__setattr__(self, "layers", layers)
+        p = IdentityAttention(
+            layers=self.layers,  # type: ignore[arg-type]
+            weight=self.weight,
+            heads=self.heads,
+        )
+        object.__setattr__(self, "layers", p.layers)
+        object.__setattr__(self, "weight", p.weight)
+        object.__setattr__(self, "heads", p.heads)
 
     @property
     def perturbation(self) -> IdentityAttention:
         """The :class:`~smoothguide.perturbations.IdentityAttention` spec."""
-        return IdentityAttention(layers=cast("tuple[str, ...] | None", self.layers))
+        return IdentityAttention(
+            layers=cast("tuple[str, ...] | None", self.layers),
+            weight=self.weight,
+            heads=self.heads,
+        )
 
     @property
     def pag_branch(self) -> Branch:
@@ -85,8 +103,10 @@ class PAG(Term):
         return CFG(self.cfg_scale, self.cfg_schedule)
 
     def coefficient(self, ctx: StepContext) -> float:
-        """Effective coefficient ``ρ s`` of ``(x_c − x̂_c)`` at this step."""
-        return weight(self.schedule, ctx) * self.scale
+        """Effective coefficient ``ρ s`` of ``(x_c − x̂_c)`` at this step (0 when ``weight = 0``)."""
+        if self.perturbation.is_identity:
+            return 0.0
+        return schedule_weight(self.schedule, ctx) * self.scale
 
     def branches(self, ctx: StepContext) -> tuple[Branch, ...]:
         """The CFG part's branches, plus ``cond`` and the perturbed branch when active."""

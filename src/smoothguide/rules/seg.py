@@ -81,6 +81,11 @@ class SEG(Term):
         CFG scale ``w >= 0``; 1 disables CFG.
     schedule, cfg_schedule
         Weights of the SEG term and of the CFG term per step.
+    heads
+        Attention heads to blur (``None``: all), per-head SEG.
+    relative
+        ``True``: ``sigma`` is a fraction of the token grid's shorter side
+        (see :class:`~smoothguide.perturbations.QuerySmoothing`).
 
     Examples
     --------
@@ -106,6 +111,8 @@ class SEG(Term):
     cfg_scale: float = 1.0
     schedule: Schedule = ALWAYS
     cfg_schedule: Schedule = ALWAYS
+    heads: tuple[int, ...] | None = None
+    relative: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scale", check_scale(self.scale, "scale"))
@@ -119,15 +126,25 @@ class SEG(Term):
             mode=self.mode,
             radius=self.radius,
             layers=self.layers,  # type: ignore[arg-type]
+            heads=self.heads,
+            relative=self.relative,
         )
         object.__setattr__(self, "sigma", p.sigma)
+        object.__setattr__(self, "heads", p.heads)
         object.__setattr__(self, "layers", p.layers)
 
     @property
     def perturbation(self) -> QuerySmoothing:
         """The :class:`~smoothguide.perturbations.QuerySmoothing` spec of the blurred branch."""
         layers = cast("tuple[str, ...] | None", self.layers)  # normalised in __post_init__
-        return QuerySmoothing(self.sigma, mode=self.mode, radius=self.radius, layers=layers)
+        return QuerySmoothing(
+            self.sigma,
+            mode=self.mode,
+            radius=self.radius,
+            layers=layers,
+            heads=self.heads,
+            relative=self.relative,
+        )
 
     @property
     def with_cfg(self) -> bool:

@@ -22,6 +22,8 @@ from .._array import Array, namespace
 from ..branches import Branch, Perturber
 from ..rules._prediction import denoised_of
 from ..rules.base import GuidanceRule, StepContext
+from ..sag import AttentionMaskedBlur, sag_degrade, sag_mask
+from ..weak_model import WeakModel
 
 __all__ = ["GuidedDenoiser", "SteppableDenoiser", "batch_order"]
 
@@ -267,8 +269,11 @@ class GuidedDenoiser:
         sigma: Any,
         cond: Mapping[str, Any] | None = None,
     ) -> dict[Branch, Array]:
-        """Run the model for ``branches`` (batched or not) and return ``{branch: output}``."""
-        xp = namespace(x)
+        """Run the model for ``branches`` (batched or not) and return ``{branch: output}``.
+
+        A branch whose perturbation is a :class:`~smoothguide.weak_model.WeakModel`
+        is evaluated by that model, in a call of its own.
+        """
         if x.ndim < 1:
             raise ValueError(f"x must have a leading batch axis, got shape {tuple(x.shape)}")
         cond = {} if cond is None else dict(cond)
@@ -276,6 +281,80 @@ class GuidedDenoiser:
         if not order:
             raise ValueError("branches must not be empty: a rule needs at least one branch")
         batch = int(x.shape[0])
+        # Branches of another model (autoguidance) run outside the main model's call.
+        weak = [b for b in order if isinstance(b.perturbation, WeakModel)]
+        # SAG branches: their source branch runs in the main call (its attention map
+        # recorded), then the model runs again at the degraded input.
+        sag = [b for b in order if isinstance(b.perturbation, AttentionMaskedBlur)]
+        order = [b for b in order if b not in weak and b not in sag]
+        captures: dict[Branch, list[AttentionMaskedBlur]] = {}
+        for b in sag:
+            assert isinstance(b.perturbation, AttentionMaskedBlur)
+            captures.setdefault(Branch(b.conditioning), []).append(b.perturbation)
+        order = batch_order(order + list(captures))
+        held: dict[tuple[Branch, AttentionMaskedBlur], Any] = {}
+        outputs = self._evaluate_main(order, x, sigma, cond, batch, captures, held) if order else {}
+        for b in sag:
+            outputs[b] = self._sag_output(b, outputs, held, x, sigma, cond, batch)
+        for b in weak:
+            assert isinstance(b.perturbation, WeakModel)
+            out = b.perturbation.model(x, sigma, **self._branch_kwargs(b, cond, batch))
+            outputs[b] = _check_output(out, batch, x)
+        return outputs
+
+    def _sag_output(
+        self,
+        b: Branch,
+        outputs: Mapping[Branch, Array],
+        held: Mapping[tuple[Branch, AttentionMaskedBlur], Any],
+        x: Array,
+        sigma: Any,
+        cond: Mapping[str, Any],
+        batch: int,
+    ) -> Array:
+        """SAG: ``D(x̄) + (x − x̄)`` at ``x̄ = degrade(x̂0) + (x − x̂0)`` (smoothguide.sag)."""
+        p = b.perturbation
+        assert isinstance(p, AttentionMaskedBlur)
+        source = Branch(b.conditioning)
+        capture = held[(source, p)]
+        if capture.probs is None:
+            raise RuntimeError(
+                f"SAG: the attention layer {p.layers} did not run in the model call, so there "
+                "is no attention map to build the mask from"
+            )
+        xp = namespace(x)
+        x0 = outputs[source]
+        mask = sag_mask(capture.probs, capture.grid, tuple(x.shape[-2:]), threshold=p.threshold)
+        degraded = sag_degrade(x0, xp.astype(mask, x0.dtype), p)
+        x_deg = degraded + (x - x0)
+        out = self.model(x_deg, sigma, **self._branch_kwargs(source, cond, batch))
+        return _check_output(out, batch, x) + (x - x_deg)
+
+    def _evaluate_main(
+        self,
+        order: list[Branch],
+        x: Array,
+        sigma: Any,
+        cond: dict[str, Any],
+        batch: int,
+        captures: Mapping[Branch, list[AttentionMaskedBlur]],
+        held: dict[tuple[Branch, AttentionMaskedBlur], Any],
+    ) -> dict[Branch, Array]:
+        xp = namespace(x)
+        if captures and not callable(getattr(self.perturber, "capture_attention", None)):
+            raise ValueError(
+                "SAG needs a perturber that records attention maps (capture_attention), e.g. "
+                "smoothguide.torch.AttentionPatcher"
+            )
+
+        def enter(stack: ExitStack, b: Branch, rows: range) -> None:
+            if b.perturbation is not None:
+                assert self.perturber is not None
+                stack.enter_context(self.perturber.perturb(b.perturbation, rows))
+            for p in captures.get(b, ()):
+                capture = self.perturber.capture_attention(p.layers, rows)  # type: ignore[union-attr]
+                held[(b, p)] = stack.enter_context(capture)
+
         for b in order:
             if b.perturbation is not None and self.perturber is None:
                 raise ValueError(
@@ -288,9 +367,7 @@ class GuidedDenoiser:
             outputs = {}
             for b, kw in zip(order, kwargs, strict=True):
                 with ExitStack() as stack:
-                    if b.perturbation is not None:
-                        assert self.perturber is not None
-                        stack.enter_context(self.perturber.perturb(b.perturbation, range(batch)))
+                    enter(stack, b, range(batch))
                     out = self.model(x, sigma, **kw)
                 outputs[b] = _check_output(out, batch, x)
             return outputs
@@ -300,10 +377,7 @@ class GuidedDenoiser:
         big_kw = _merge_kwargs(xp, kwargs, order, batch)
         with ExitStack() as stack:
             for j, b in enumerate(order):
-                if b.perturbation is not None:
-                    assert self.perturber is not None
-                    rows = range(j * batch, (j + 1) * batch)
-                    stack.enter_context(self.perturber.perturb(b.perturbation, rows))
+                enter(stack, b, range(j * batch, (j + 1) * batch))
             out = self.model(big_x, big_sigma, **big_kw)
         out = _check_output(out, n * batch, x)
         return {b: out[j * batch : (j + 1) * batch, ...] for j, b in enumerate(order)}

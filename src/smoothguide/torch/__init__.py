@@ -7,6 +7,9 @@ Needs the ``torch`` extra (``pip install 'smoothguide[torch]'``).
   models: SEG (query smoothing) and PAG (identity attention) on chosen layers and rows.
 - :class:`Geometry`, :func:`image_geometry`, :class:`LayerSpec`, :class:`ImageTokens`,
   :class:`JointTokens`: where each layer's token grid comes from.
+- :func:`register_perturbation`: run further perturbation kinds through the patcher
+  (:class:`~smoothguide.layer_skip.LayerSkip` and
+  :class:`~smoothguide.token_permutation.TokenPermutation` are registered on import).
 """
 
 from __future__ import annotations
@@ -21,8 +24,12 @@ from .layouts import (
     TokenLayout,
     image_geometry,
 )
-from .patching import AttentionPatcher, LayerSource
+from .patching import AttentionPatcher, LayerSource, register_perturbation
 from .smoothing import smooth_queries
+
+# Registered with the patcher on import: perturbations outside the attention call.
+from . import permute as _permute  # noqa: F401  isort: skip
+from . import skip as _skip  # noqa: F401  isort: skip
 
 __all__ = [
     "AttentionPatcher",
@@ -34,5 +41,6 @@ __all__ = [
     "LayerSpec",
     "TokenLayout",
     "image_geometry",
+    "register_perturbation",
     "smooth_queries",
 ]

@@ -24,10 +24,10 @@ from torch.overrides import TorchFunctionMode
 from ..grid import TokenGrid
 from ..perturbations import IdentityAttention, LayerSelection, Perturbation, QuerySmoothing
 from ._deps import torch
+from .heads import blur_query_rows, identity_rows
 from .layouts import Geometry, GeometryFn, LayerSpec, image_geometry
-from .smoothing import smooth_queries
 
-__all__ = ["AttentionPatcher", "LayerSource"]
+__all__ = ["AttentionPatcher", "LayerSource", "register_perturbation"]
 
 _SDPA = torch._C._nn.scaled_dot_product_attention
 
@@ -154,6 +154,27 @@ class _SingleUse(AbstractContextManager[None]):
 
     def __exit__(self, *exc: Any) -> bool | None:
         return self._inner.__exit__(*exc)
+
+
+#: Perturbations executed outside the attention call (skip layers, token
+#: permutation, ...): type -> ``handler(patcher, perturbation, rows)`` returning a
+#: context manager. Registered by the modules that implement them
+#: (:func:`register_perturbation`); :meth:`AttentionPatcher.perturb` dispatches here.
+_HANDLERS: dict[type, Callable[..., AbstractContextManager[None]]] = {}
+
+
+def register_perturbation(kind: type, handler: Callable[..., AbstractContextManager[None]]) -> None:
+    """Let :class:`AttentionPatcher` run perturbations of type ``kind`` through ``handler``.
+
+    ``handler(patcher, perturbation, rows)`` is called with checked rows (a tuple
+    of distinct ints) and returns the context manager ``perturb`` enters, with the
+    patcher's model-level hooks attached around it.
+    """
+    if not isinstance(kind, type) or not issubclass(kind, Perturbation):
+        raise TypeError(f"kind must be a Perturbation subclass, got {kind!r}")
+    if not callable(handler):
+        raise TypeError(f"handler must be callable, got {handler!r}")
+    _HANDLERS[kind] = handler
 
 
 class AttentionPatcher:
@@ -396,10 +417,11 @@ class AttentionPatcher:
 
     @contextmanager
     def _perturb(self, perturbation: Perturbation, rows: Sequence[int]) -> Iterator[None]:
-        if not isinstance(perturbation, QuerySmoothing | IdentityAttention):
+        handler = next((h for t, h in _HANDLERS.items() if isinstance(perturbation, t)), None)
+        if handler is None and not isinstance(perturbation, QuerySmoothing | IdentityAttention):
             raise TypeError(
-                "perturbation must be QuerySmoothing or IdentityAttention, got "
-                f"{type(perturbation).__name__}"
+                "perturbation must be QuerySmoothing or IdentityAttention (or a registered kind: "
+                f"{sorted(t.__name__ for t in _HANDLERS)}), got {type(perturbation).__name__}"
             )
         if isinstance(rows, str | bytes) or not isinstance(rows, Sequence):
             raise TypeError(f"rows must be a sequence of ints, got {type(rows).__name__}")
@@ -416,8 +438,12 @@ class AttentionPatcher:
                     f"rows {sorted(shared)} are already perturbed by {other.perturbation} in the "
                     "same layers; active perturbations must use disjoint rows"
                 )
-        if not checked or (isinstance(perturbation, QuerySmoothing) and perturbation.is_identity):
-            yield  # nothing to do: sigma = 0 is the plain model, bit for bit
+        if not checked or getattr(perturbation, "is_identity", False):
+            yield  # nothing to do: sigma = 0 / weight = 0 is the plain model, bit for bit
+            return
+        if handler is not None:  # a perturbation outside the attention call
+            with self.attached(), handler(self, perturbation, checked):
+                yield
             return
         entry = _Entry(perturbation, checked, layers)
         local = self._local
@@ -564,6 +590,14 @@ class AttentionPatcher:
             for handle in self._layer_handles.pop(name):
                 handle.remove()
 
+    def capture_attention(
+        self, layers: LayerSelection, rows: Sequence[int]
+    ) -> AbstractContextManager[Any]:
+        """Record one layer's attention probabilities on ``rows`` (SAG's map); see ``.sag``."""
+        from .sag import capture_attention  # SAG support lives in its own module
+
+        return capture_attention(self, layers, rows)
+
     # ------------------------------------------------------------- attention
     def _grid(self, name: str, num_tokens: int) -> tuple[TokenGrid, Geometry]:
         calls = self._local.calls
@@ -608,33 +642,14 @@ class AttentionPatcher:
                 [i * ratio + j for i in rows for j in range(ratio)], device=q.device
             )
 
+        # Per-row (and per-head) arithmetic of SEG / PAG lives in .heads.
         for entry in entries:
             p = entry.perturbation
             if isinstance(p, QuerySmoothing):
-                ix = index(entry.rows)
-                blurred = smooth_queries(
-                    q.index_select(0, ix), grid, p.sigma, radius=p.radius, mode=p.mode
-                )
-                q = q.index_copy(0, ix, blurred)
+                q = blur_query_rows(name, q, index(entry.rows), grid, p)
         out = _SDPA(q, k, v, *rest, **rest_kwargs)
         for entry in entries:
-            if isinstance(entry.perturbation, IdentityAttention):
-                if v.shape[:-1] != q.shape[:-1] or out.shape != v.shape:
-                    raise RuntimeError(
-                        f"attention layer {name!r}: identity attention needs values with the "
-                        f"query's batch, heads and tokens; got query {tuple(q.shape)}, value "
-                        f"{tuple(v.shape)}"
-                    )
-                ix = index(entry.rows)
-                rows_out = out.index_select(0, ix)
-                s = grid.spatial_slice
-                ident = torch.cat(
-                    [
-                        rows_out[..., : s.start, :],
-                        v.index_select(0, ix)[..., s, :].to(out.dtype),
-                        rows_out[..., s.stop :, :],
-                    ],
-                    dim=-2,
-                )
-                out = out.index_copy(0, ix, ident)
+            p = entry.perturbation
+            if isinstance(p, IdentityAttention):
+                out = identity_rows(name, out, q, v, index(entry.rows), grid, p)
         return out

@@ -1,0 +1,106 @@
+"""Token Perturbation Guidance (Rajabi et al., NeurIPS 2025)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, cast
+
+from .._array import Array
+from ..branches import Branch
+from ..perturbations import LayerSelection
+from ..token_permutation import TokenPermutation
+from .base import COND, StepContext, Term, branch_output, check_scale, unique_branches
+from .cfg import CFG
+from .schedules import ALWAYS, Schedule, check_schedule
+from .schedules import weight as schedule_weight
+
+__all__ = ["TPG"]
+
+
+@dataclass(frozen=True)
+class TPG(Term):
+    """Token Perturbation Guidance: guide away from a prediction with shuffled block inputs.
+
+    J. Rajabi et al., "Token Perturbation Guidance for Diffusion Models",
+    NeurIPS 2025 (arXiv:2506.10036). The perturbed branch permutes the tokens of
+    the hidden states entering the chosen blocks
+    (:class:`~smoothguide.token_permutation.TokenPermutation`); ``x̌_c`` is its
+    conditional output. Same form as PAG, with ``w = cfg_scale``::
+
+        w = 1:   x_c + s (x_c − x̌_c)
+        w ≠ 1:   x_u + w (x_c − x_u) + s (x_c − x̌_c)          neutral: s = 0
+
+    Parameters
+    ----------
+    scale
+        ``s >= 0`` (default 3.0).
+    layers
+        Attention layers whose blocks get permuted inputs (presets and names as
+        for SEG; ``None``: the adapter's default).
+    seed
+        Seed of the permutations.
+    cfg_scale
+        CFG scale ``w >= 0``; 1 disables CFG.
+    schedule, cfg_schedule
+        Weights of the TPG term and of the CFG term per step.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rule = TPG(2.0)
+    >>> rule.combine({COND: np.array([1.0]), rule.tpg_branch: np.array([0.5])}, StepContext(1.0))[0]
+    array([2.])
+    """
+
+    scale: float = 3.0
+    layers: LayerSelection = None
+    seed: int = 0
+    cfg_scale: float = 1.0
+    schedule: Schedule = ALWAYS
+    cfg_schedule: Schedule = ALWAYS
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scale", check_scale(self.scale, "scale"))
+        object.__setattr__(self, "cfg_scale", check_scale(self.cfg_scale, "cfg_scale"))
+        check_schedule(self.schedule)
+        check_schedule(self.cfg_schedule, "cfg_schedule")
+        p = TokenPermutation(self.seed, layers=self.layers)  # type: ignore[arg-type]
+        object.__setattr__(self, "layers", p.layers)
+
+    @property
+    def perturbation(self) -> TokenPermutation:
+        """The :class:`~smoothguide.token_permutation.TokenPermutation` spec."""
+        return TokenPermutation(self.seed, layers=cast("tuple[str, ...] | None", self.layers))
+
+    @property
+    def tpg_branch(self) -> Branch:
+        """The perturbed conditional branch."""
+        return Branch("cond", self.perturbation)
+
+    @property
+    def cfg(self) -> CFG:
+        """The CFG part, ``CFG(cfg_scale, cfg_schedule)``."""
+        return CFG(self.cfg_scale, self.cfg_schedule)
+
+    def coefficient(self, ctx: StepContext) -> float:
+        """Effective coefficient ``ρ s`` of ``(x_c − x̌_c)`` at this step."""
+        return schedule_weight(self.schedule, ctx) * self.scale
+
+    def branches(self, ctx: StepContext) -> tuple[Branch, ...]:
+        """The CFG part's branches, plus ``cond`` and the perturbed branch when active."""
+        own = (COND, self.tpg_branch) if self.coefficient(ctx) != 0.0 else ()
+        return unique_branches(self.cfg.branches(ctx), own)
+
+    def apply(
+        self, pred: Array, outputs: Mapping[Branch, Array], ctx: StepContext, state: Any = None
+    ) -> tuple[Array, Any]:
+        """Add the CFG part, then ``ρ s (x_c − x̌_c)``."""
+        pred, state = self.cfg.apply(pred, outputs, ctx, state)
+        c = self.coefficient(ctx)
+        if c == 0.0:
+            return pred, state
+        needed = self.branches(ctx)
+        x_c = branch_output(outputs, COND, needed)
+        x_p = branch_output(outputs, self.tpg_branch, needed)
+        return pred + c * (x_c - x_p), state

@@ -1,0 +1,86 @@
+"""SEG and PAG on the rows (and, optionally, the heads) of one attention call.
+
+:class:`~smoothguide.torch.AttentionPatcher` calls these two functions on the
+tensors that enter / leave ``scaled_dot_product_attention`` of a perturbed
+layer. They hold the whole per-row, per-head arithmetic of SEG (query blur,
+Hong 2024) and PAG / soft PAG (identity map, Ahn et al. 2024; interpolation
+toward it, HeadHunter, arXiv:2506.10978), so the patcher itself only routes.
+
+Heads are the axis after the batch of a 4-D ``(batch, heads, tokens, dim)``
+query, the layout every diffusers ``AttnProcessor2_0``-style processor passes.
+"""
+
+from __future__ import annotations
+
+from ..grid import TokenGrid
+from ..perturbations import IdentityAttention, QuerySmoothing
+from ._deps import torch
+from .smoothing import smooth_queries
+
+__all__ = ["blur_query_rows", "identity_rows"]
+
+
+def _head_index(name: str, heads: tuple[int, ...], x: torch.Tensor) -> torch.Tensor:
+    if x.ndim != 4:
+        raise RuntimeError(
+            f"attention layer {name!r}: heads={list(heads)} needs a (batch, heads, tokens, dim) "
+            f"query, got shape {tuple(x.shape)} (heads folded into the batch cannot be told apart)"
+        )
+    if max(heads) >= x.shape[1]:
+        raise ValueError(
+            f"attention layer {name!r} has {x.shape[1]} heads; heads={list(heads)} is out of range"
+        )
+    return torch.tensor(heads, device=x.device)
+
+
+def blur_query_rows(
+    name: str, q: torch.Tensor, ix: torch.Tensor, grid: TokenGrid, p: QuerySmoothing
+) -> torch.Tensor:
+    """``q`` with the rows ``ix`` (and heads ``p.heads``) blurred on ``grid`` by ``p``.
+
+    σ is ``p.absolute_sigma(grid)`` (resolution-relative σ resolved on this
+    layer's grid); every other row and head is returned bit-identical.
+    """
+    sigma = p.absolute_sigma(grid)
+    rows = q.index_select(0, ix)
+    if p.heads is None:
+        blurred = smooth_queries(rows, grid, sigma, radius=p.radius, mode=p.mode)
+    else:
+        hx = _head_index(name, p.heads, q)
+        part = smooth_queries(rows.index_select(1, hx), grid, sigma, radius=p.radius, mode=p.mode)
+        blurred = rows.index_copy(1, hx, part)
+    return q.index_copy(0, ix, blurred)
+
+
+def identity_rows(
+    name: str,
+    out: torch.Tensor,
+    q: torch.Tensor,
+    v: torch.Tensor,
+    ix: torch.Tensor,
+    grid: TokenGrid,
+    p: IdentityAttention,
+) -> torch.Tensor:
+    """``out`` with the grid tokens of rows ``ix`` (heads ``p.heads``) moved toward ``V``.
+
+    ``w = p.weight``: those entries become ``(1 − w) · out + w · V``, i.e. the
+    attention map ``(1 − w) A + w I`` applied to ``V`` (``w = 1``: exactly ``V``,
+    PAG). Non-grid tokens (text of joint attention) keep their attention.
+    """
+    if v.shape[:-1] != q.shape[:-1] or out.shape != v.shape:
+        raise RuntimeError(
+            f"attention layer {name!r}: identity attention needs values with the "
+            f"query's batch, heads and tokens; got query {tuple(q.shape)}, value "
+            f"{tuple(v.shape)}"
+        )
+    rows_out = out.index_select(0, ix)
+    values = v.index_select(0, ix).to(out.dtype)
+    s = grid.spatial_slice
+    target = values[..., s, :]
+    if p.weight != 1.0:
+        target = torch.lerp(rows_out[..., s, :], target, p.weight)
+    ident = torch.cat([rows_out[..., : s.start, :], target, rows_out[..., s.stop :, :]], dim=-2)
+    if p.heads is not None:
+        hx = _head_index(name, p.heads, out)
+        ident = rows_out.index_copy(1, hx, ident.index_select(1, hx))
+    return out.index_copy(0, ix, ident)
