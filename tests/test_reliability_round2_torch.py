@@ -1,0 +1,244 @@
+"""Reliability, round 2: the guided denoiser's batching, sigma lookup and the torch adapter.
+
+Each test compares against an independent reference: the unbatched call, a
+hand-computed value, the core :func:`smoothguide.smooth_queries` on the right
+grid, or the unpatched model.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pytest
+import torch
+
+from reliability_table import failure_mode
+from smoothguide.rules import CFG, Compose, Interval
+from smoothguide.sampling import GuidedDenoiser, karras_sigmas
+
+ROOT = Path(__file__).resolve().parent.parent
+INF = math.inf
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _contain_leaked_modes() -> Iterator[None]:
+    yield
+    while torch._C._len_torch_function_stack() > 0:
+        torch._C._pop_torch_function_stack()
+
+
+# ------------------------------------------------------------------ batched kwargs (class 1)
+
+
+class Pair(NamedTuple):
+    first: Any
+    second: Any
+
+
+@dataclasses.dataclass
+class Cond:
+    emb: Any
+    scale: float = 1.0
+
+
+def _ordered_model(x: Any, sigma: Any, cond: Any) -> Any:
+    """Reads every container in iteration order: the weight of each value is its position."""
+    leaves: list[Any] = []
+
+    def walk(v: Any) -> None:
+        if isinstance(v, dict):
+            for u in v.values():
+                walk(u)
+        elif isinstance(v, tuple | list):
+            for u in v:
+                walk(u)
+        elif dataclasses.is_dataclass(v):
+            walk(v.emb)
+            leaves.append(np.full((x.shape[0], 1), v.scale))
+        else:
+            leaves.append(v)
+
+    walk(cond)
+    out = x / (1.0 + sigma**2)
+    for i, leaf in enumerate(leaves):
+        out = out + (i + 1) ** 2 * leaf
+    return out
+
+
+def _nested(batch: int, seed: int, keys: list[str]) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+
+    def leaf() -> Any:
+        return rng.standard_normal((batch, 3))
+
+    return {
+        keys[0]: leaf(),
+        keys[1]: collections.OrderedDict((k, leaf()) for k in reversed(keys)),
+        keys[2]: [leaf(), (leaf(), leaf())],
+        keys[3]: Pair(leaf(), {k: leaf() for k in keys}),
+        keys[4]: Cond(leaf(), scale=0.5),
+    }
+
+
+def _type_tree(v: Any) -> Any:
+    if isinstance(v, dict):
+        return (type(v).__name__, [(k, _type_tree(u)) for k, u in v.items()])
+    if isinstance(v, tuple | list):
+        return (type(v).__name__, [_type_tree(u) for u in v])
+    if dataclasses.is_dataclass(v):
+        return (type(v).__name__, _type_tree(v.emb))
+    return "leaf"
+
+
+@failure_mode(
+    "batched GuidedDenoiser with nested conditioning (dict, OrderedDict, list, tuple, "
+    "namedtuple, dataclass) read in order by the model",
+    "every container keeps its type, key order and structure: batched == unbatched, bitwise",
+)
+def test_batched_nested_kwargs_keep_order_and_types() -> None:
+    keys = [f"k{i}_{c}" for i, c in enumerate("zyxwvutsrq")][:5]
+    seen: list[Any] = []
+
+    def model(x: Any, sigma: Any, cond: Any) -> Any:
+        seen.append(_type_tree(cond))
+        return _ordered_model(x, sigma, cond)
+
+    uncond = {"cond": _nested(1, 1, keys)}
+    cond = {"cond": _nested(2, 2, keys)}
+    x = np.random.default_rng(3).standard_normal((2, 3))
+    batched = GuidedDenoiser(model, CFG(2.5), uncond=uncond)
+    separate = GuidedDenoiser(model, CFG(2.5), uncond=uncond, batched=False)
+    out_b = batched(x, 0.7, **cond)
+    out_s = separate(x, 0.7, **cond)
+    # Every call saw the call's structure (types, key order) exactly.
+    assert all(t == _type_tree(cond["cond"]) for t in seen)
+    np.testing.assert_array_equal(out_b, out_s)
+
+
+_HASHSEED_SCRIPT = textwrap.dedent(
+    """
+    import numpy as np
+    from smoothguide.rules import CFG
+    from smoothguide.sampling import GuidedDenoiser
+
+    def model(x, sigma, cond):
+        out = x / (1.0 + sigma**2)
+        for i, v in enumerate(cond.values()):   # reads the dict in order
+            out = out + (i + 1) ** 2 * v
+        return out
+
+    keys = ["emb", "pooled", "mask", "time_ids", "style", "ctrl", "a", "b"]
+    rng = np.random.default_rng(0)
+    cond = {k: rng.standard_normal((2, 4)) for k in keys}
+    uncond = {k: rng.standard_normal((1, 4)) for k in keys}
+    x = rng.standard_normal((2, 4))
+    b = GuidedDenoiser(model, CFG(3.0), uncond={"cond": uncond})(x, 0.5, cond=cond)
+    s = GuidedDenoiser(model, CFG(3.0), uncond={"cond": uncond}, batched=False)(x, 0.5, cond=cond)
+    # hand reference: CFG of the two branches, each read in insertion order
+    def ref(c):
+        return x / 1.25 + sum((i + 1) ** 2 * c[k] for i, k in enumerate(keys))
+    r = ref(uncond) + 3.0 * (ref(cond) - ref(uncond))
+    assert np.array_equal(b, s), "batched != unbatched"
+    assert np.allclose(b, r, rtol=1e-12, atol=1e-12), "batched != hand reference"
+    print("ok")
+    """
+)
+
+
+@failure_mode(
+    "batched GuidedDenoiser with a dict of conditioning arrays, under PYTHONHASHSEED=0 and 1",
+    "keys keep the call's order (not set order): batched == unbatched == hand reference",
+)
+@pytest.mark.parametrize("seed", ["0", "1"])
+def test_batched_dict_kwargs_independent_of_hash_seed(seed: str) -> None:
+    env = dict(os.environ, PYTHONHASHSEED=seed, PYTHONPATH=str(ROOT / "src"))
+    res = subprocess.run(
+        [sys.executable, "-c", _HASHSEED_SCRIPT], env=env, capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "ok"
+
+
+@failure_mode(
+    "batched GuidedDenoiser whose uncond= dict lists the keys in another order than the call",
+    "ValueError naming the argument and the key order (a model may read in order)",
+)
+def test_batched_nested_kwargs_in_different_order_refused() -> None:
+    def model(x: Any, sigma: Any, cond: Any) -> Any:
+        return x
+
+    g = GuidedDenoiser(
+        model, CFG(2.0), uncond={"cond": {"b": np.zeros((1, 2)), "a": np.zeros((1, 2))}}
+    )
+    with pytest.raises(ValueError, match="key order"):
+        g(np.zeros((2, 2)), 1.0, cond={"a": np.ones((2, 2)), "b": np.ones((2, 2))})
+
+
+# ------------------------------------------------------------------ half-precision sigma (class 2)
+
+
+@failure_mode(
+    "GuidedDenoiser(sigmas=...) called with float16 / bfloat16 sigma (k-diffusion half latents)",
+    "the step is found at the dtype's rounding, the same as for float64 sigma",
+)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_sigma_finds_its_step(dtype: torch.dtype) -> None:
+    sigmas = karras_sigmas(12, 0.03, 14.6)
+    g = GuidedDenoiser(lambda x, s: x, CFG(2.0), sigmas=sigmas)
+    for i in range(len(sigmas) - 1):
+        s_half = torch.full((3,), float(sigmas[i]), dtype=torch.float64).to(dtype)
+        ctx = g.context(s_half)
+        assert (ctx.step, ctx.num_steps) == (i, len(sigmas) - 1)
+        # independent reference: the float64 lookup of the exact value
+        assert g.context(float(sigmas[i])).step == i
+
+
+@failure_mode(
+    "an on='progress' schedule when sigma is not in the sigmas= given (or ambiguous at its dtype)",
+    "ValueError saying sigma is not in sigmas= (with the nearest entry), not 'pass sigmas='",
+)
+def test_sigma_not_in_schedule_message_says_why() -> None:
+    sigmas = [4.0, 2.0, 1.0, 0.0]
+    rule = Compose(CFG(2.0, schedule=Interval(0.0, 0.5, on="progress")))
+    g = GuidedDenoiser(lambda x, s, **k: x, rule, sigmas=sigmas, uncond={})
+    x = np.zeros((1, 2))
+    g(x, 2.0)  # in the schedule: fine
+    with pytest.raises(
+        ValueError, match=r"not one of the noise levels in the sigmas=.*nearest: step 1"
+    ) as info:
+        g.step(x, 1.5)
+    assert "pass sigmas=" not in str(info.value)
+    # two entries that float16 cannot tell apart: ambiguous, said so
+    close = [1.0002, 1.0, 0.0]
+    g = GuidedDenoiser(lambda x, s, **k: x, rule, sigmas=close, uncond={})
+    s16 = torch.tensor(1.0, dtype=torch.float16)
+    assert float(s16) == float(torch.tensor(1.0002).half())  # both round to the same half
+    assert g.context(s16).step is None
+    with pytest.raises(ValueError, match="ambiguous"):
+        g.step(torch.zeros(1, 2), s16)
+
+
+def test_half_precision_sigma_nearest_rounding_breaks_ties() -> None:
+    # 1.0008 and 1.0 are both within float16's epsilon of 1.0, but only 1.0 rounds to it
+    g = GuidedDenoiser(lambda x, s: x, CFG(2.0), sigmas=[1.0008, 1.0, 0.0])
+    assert float(torch.tensor(1.0008).half()) != 1.0
+    assert g.context(torch.tensor(1.0, dtype=torch.float16)).step == 1
+    assert g.context(torch.tensor(1.0008).half()).step == 0
