@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -21,9 +22,12 @@ from typing import Any, NamedTuple
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from reliability_table import failure_mode
-from smoothguide.rules import CFG, Compose, Interval
+from smoothguide import QuerySmoothing, TokenGrid
+from smoothguide import smooth_queries as core_smooth_queries
+from smoothguide.rules import CFG, SEG, Compose, Interval
 from smoothguide.sampling import GuidedDenoiser, karras_sigmas
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -242,3 +246,102 @@ def test_half_precision_sigma_nearest_rounding_breaks_ties() -> None:
     assert float(torch.tensor(1.0008).half()) != 1.0
     assert g.context(torch.tensor(1.0, dtype=torch.float16)).step == 1
     assert g.context(torch.tensor(1.0008).half()).step == 0
+
+
+# ------------------------------------------------------------------ video frames (class 3)
+
+
+class SelfAttn(torch.nn.Module):
+    """SDPA of the tokens with themselves, ``heads`` heads folded into the batch axis."""
+
+    def __init__(self, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:  # t: (B, N, C)
+        b, n, c = t.shape
+        h = t.reshape(b, n, self.heads, c // self.heads).transpose(1, 2)  # (B, heads, N, d)
+        out = F.scaled_dot_product_attention(h, h, h)
+        return out.transpose(1, 2).reshape(b, n, c)
+
+
+class Video3D(torch.nn.Module):
+    """Full 3-D attention over the frames x height x width tokens of a (B, C, F, H, W) input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = SelfAttn()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x.flatten(2).transpose(1, 2))
+
+
+class VideoPerFrame(torch.nn.Module):
+    """Spatial attention per frame: frames folded into the batch, (B·F, H·W, C) tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = SelfAttn()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, f, h, w = x.shape
+        t = x.permute(0, 2, 3, 4, 1).reshape(b * f, h * w, c)
+        return self.attn(t)
+
+
+def _reference_attention(t: torch.Tensor, grid: TokenGrid, sigma: Any, heads: int = 2) -> Any:
+    """NumPy/core reference: queries blurred by the core smooth_queries on ``grid``."""
+    b, n, c = t.shape
+    h = t.reshape(b, n, heads, c // heads).transpose(1, 2).numpy()
+    q = core_smooth_queries(h, grid, sigma)
+    logits = q @ np.swapaxes(h, -1, -2) / math.sqrt(c // heads)
+    w = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    w /= w.sum(axis=-1, keepdims=True)
+    out = w @ h
+    return np.swapaxes(out, 1, 2).reshape(b, n, c)
+
+
+@failure_mode(
+    "generic torch layout, (B, C, F, H, W) input and full 3-D attention over all frames",
+    "blurred on TokenGrid(H, W, frames=F) (equal to the core smooth_queries there), not a fake "
+    "2-D grid",
+)
+@pytest.mark.parametrize("sigma", [1.5, (0.8, 1.0, 2.0), INF])
+def test_video_full_attention_uses_frames_grid(sigma: Any) -> None:
+    from smoothguide.torch import AttentionPatcher
+
+    torch.manual_seed(0)
+    model = Video3D().double()
+    x = torch.randn(2, 4, 4, 4, 4, dtype=torch.float64)  # B=2, C=4, F=4, H=W=4: 64 tokens
+    plain = model(x)
+    patcher = AttentionPatcher(model, layers=SelfAttn)
+    with patcher.perturb(QuerySmoothing(sigma), rows=[1]):
+        out = model(x)
+    torch.testing.assert_close(out[0], plain[0], rtol=0, atol=0)
+    t = x.flatten(2).transpose(1, 2)[1:]
+    ref = _reference_attention(t, TokenGrid(4, 4, frames=4), sigma)
+    np.testing.assert_allclose(out[1:].numpy(), ref, rtol=1e-12, atol=1e-12)
+
+
+@failure_mode(
+    "generic torch layout, (B, C, F, H, W) input with per-frame spatial attention",
+    "blurred on each frame's 2-D grid (frames folded into the batch); a token count that fits "
+    "both readings raises ValueError",
+)
+def test_video_per_frame_attention_and_ambiguous_count() -> None:
+    from smoothguide.torch import AttentionPatcher, Geometry, ImageTokens
+
+    torch.manual_seed(0)
+    model = VideoPerFrame().double()
+    x = torch.randn(2, 4, 3, 4, 6, dtype=torch.float64)  # F=3 frames of 4 x 6
+    plain = model(x)
+    patcher = AttentionPatcher(model, layers=SelfAttn)
+    with patcher.perturb(QuerySmoothing(1.2), rows=[0]):
+        out = model(x)
+    torch.testing.assert_close(out[3:], plain[3:], rtol=0, atol=0)  # model row 1 = frames 3..5
+    t = x.permute(0, 2, 3, 4, 1).reshape(6, 24, 4)[:3]
+    ref = _reference_attention(t, TokenGrid(4, 6), 1.2)
+    np.testing.assert_allclose(out[:3].numpy(), ref, rtol=1e-12, atol=1e-12)
+    # 4 frames of 16 x 16: 256 tokens are one full frame or 4 frames of 8 x 8
+    with pytest.raises(ValueError, match="fit both"):
+        ImageTokens().grid(256, Geometry(batch=1, height=16, width=16, frames=4))
