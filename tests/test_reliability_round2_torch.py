@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from reliability_table import failure_mode
 from smoothguide import QuerySmoothing, TokenGrid
 from smoothguide import smooth_queries as core_smooth_queries
-from smoothguide.rules import CFG, SEG, Compose, Interval
+from smoothguide.rules import CFG, Compose, Interval
 from smoothguide.sampling import GuidedDenoiser, karras_sigmas
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -173,7 +173,10 @@ _HASHSEED_SCRIPT = textwrap.dedent(
 )
 @pytest.mark.parametrize("seed", ["0", "1"])
 def test_batched_dict_kwargs_independent_of_hash_seed(seed: str) -> None:
-    env = dict(os.environ, PYTHONHASHSEED=seed, PYTHONPATH=str(ROOT / "src"))
+    import smoothguide
+
+    src = Path(smoothguide.__file__).resolve().parent.parent  # the tree under test
+    env = dict(os.environ, PYTHONHASHSEED=seed, PYTHONPATH=str(src))
     res = subprocess.run(
         [sys.executable, "-c", _HASHSEED_SCRIPT], env=env, capture_output=True, text=True
     )
@@ -345,3 +348,240 @@ def test_video_per_frame_attention_and_ambiguous_count() -> None:
     # 4 frames of 16 x 16: 256 tokens are one full frame or 4 frames of 8 x 8
     with pytest.raises(ValueError, match="fit both"):
         ImageTokens().grid(256, Geometry(batch=1, height=16, width=16, frames=4))
+
+
+# ------------------------------------------------------------------ chunked SDPA (class 4)
+
+
+class ChunkedAttn(torch.nn.Module):
+    """Two-head self-attention that calls SDPA on chunks, as attention slicing does.
+
+    ``how``: ``"none"`` (one call), ``"batch"`` (4-D query, one call per model row),
+    ``"heads"`` (4-D query, one call per head), ``"folded"`` (3-D ``(batch·heads)``
+    query, chunks of ``chunk`` rows).
+    """
+
+    def __init__(self, how: str, chunk: int = 2, dim: int = 8, heads: int = 4) -> None:
+        super().__init__()
+        self.how, self.chunk, self.heads = how, chunk, heads
+        self.to_q = torch.nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q = self.to_q(x).reshape(b, n, self.heads, c // self.heads).transpose(1, 2)
+        kv = x.reshape(b, n, self.heads, c // self.heads).transpose(1, 2)
+        sdpa = F.scaled_dot_product_attention
+        if self.how == "none":
+            out = sdpa(q, kv, kv)
+        elif self.how == "batch":
+            out = torch.cat([sdpa(q[i : i + 1], kv[i : i + 1], kv[i : i + 1]) for i in range(b)])
+        elif self.how == "heads":
+            out = torch.cat(
+                [
+                    sdpa(q[:, h : h + 1], kv[:, h : h + 1], kv[:, h : h + 1])
+                    for h in range(self.heads)
+                ],
+                dim=1,
+            )
+        else:
+            qf, kf = q.reshape(b * self.heads, n, -1), kv.reshape(b * self.heads, n, -1)
+            parts = [
+                sdpa(qf[i : i + self.chunk], kf[i : i + self.chunk], kf[i : i + self.chunk])
+                for i in range(0, b * self.heads, self.chunk)
+            ]
+            out = torch.cat(parts).reshape(b, self.heads, n, -1)
+        return out.transpose(1, 2).reshape(b, n, c)
+
+
+class ChunkNet(torch.nn.Module):
+    def __init__(self, how: str, chunk: int = 2) -> None:
+        super().__init__()
+        self.attn = ChunkedAttn(how, chunk)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return self.attn(img.flatten(2).transpose(1, 2))
+
+
+def _chunk_nets(how: str, chunk: int = 2) -> tuple[ChunkNet, ChunkNet]:
+    torch.manual_seed(0)
+    net = ChunkNet(how, chunk).double()
+    ref = ChunkNet("none").double()
+    ref.load_state_dict(net.state_dict())
+    return net, ref
+
+
+@failure_mode(
+    "an attention that calls SDPA on chunks of the batch, or on groups of heads (4-D query)",
+    "rows mapped per call: unperturbed rows equal the unpatched model bitwise, perturbed rows "
+    "the unchunked model's perturbed rows",
+)
+@pytest.mark.parametrize("how", ["batch", "heads"])
+@pytest.mark.parametrize("perturbation", [QuerySmoothing(1.0), QuerySmoothing(INF)])
+def test_sdpa_on_chunks_of_the_batch_maps_rows(how: str, perturbation: Any) -> None:
+    from smoothguide.torch import AttentionPatcher
+
+    net, ref = _chunk_nets(how)
+    img = torch.randn(3, 8, 4, 6, dtype=torch.float64)
+    plain = net(img)
+    with AttentionPatcher(ref, layers=ChunkedAttn).perturb(perturbation, rows=[1]):
+        expected = ref(img)
+    with AttentionPatcher(net, layers=ChunkedAttn).perturb(perturbation, rows=[1]):
+        out = net(img)
+    assert torch.equal(out[0], plain[0])
+    assert torch.equal(out[2], plain[2])
+    assert not torch.allclose(out[1], plain[1])
+    torch.testing.assert_close(out[1], expected[1], rtol=1e-12, atol=1e-12)
+
+
+@failure_mode(
+    "an attention that calls SDPA on chunks of the folded (batch·heads) axis",
+    "RuntimeError saying the rows cannot be mapped (chunks and separate attentions look the "
+    "same), never a perturbation of the wrong rows",
+)
+@pytest.mark.parametrize("chunk", [1, 2, 3, 4])
+def test_sdpa_on_chunks_of_folded_axis_refused(chunk: int) -> None:
+    from smoothguide.torch import AttentionPatcher
+
+    net, _ = _chunk_nets("folded", chunk)
+    img = torch.randn(2, 8, 4, 6, dtype=torch.float64)
+    with (
+        pytest.raises(RuntimeError, match="cannot be mapped"),
+        AttentionPatcher(net, layers=ChunkedAttn).perturb(QuerySmoothing(1.0), rows=[1]),
+    ):
+        net(img)
+
+
+# ------------------------------------------------------------------ double perturbation (class 5)
+
+
+class Outer(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = SelfAttn()
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.attn(t)
+
+
+class TwoLevel(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = Outer()
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return self.block(img.flatten(2).transpose(1, 2))
+
+
+@failure_mode(
+    "two AttentionPatchers of one model perturbing the same rows, and a selection naming an "
+    "outer module and the attention inside it",
+    "ValueError at perturb() entry (the rows would be perturbed twice); disjoint rows still "
+    "compose",
+)
+def test_double_perturbation_refused() -> None:
+    from smoothguide.torch import AttentionPatcher
+
+    torch.manual_seed(0)
+    net = TwoLevel().double()
+    img = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    plain = net(img)
+    p1 = AttentionPatcher(net, layers=SelfAttn)
+    p2 = AttentionPatcher(net, layers=["block"])
+    seg = QuerySmoothing(INF)
+    with p1.perturb(seg, rows=[1]):
+        once = net(img)
+    with (
+        p1.perturb(seg, rows=[1]),
+        pytest.raises(ValueError, match="perturbed twice"),
+        p2.perturb(seg, rows=[1]),
+    ):
+        pass  # pragma: no cover
+    both = AttentionPatcher(net, layers=["block", "block.attn"])
+    with (
+        pytest.raises(ValueError, match="'block' and 'block.attn'.*twice"),
+        both.perturb(QuerySmoothing(INF, layers=["block", "block.attn"]), rows=[1]),
+    ):
+        pass  # pragma: no cover
+    # disjoint rows of two patchers (outer for one row, inner for another) still compose
+    with p2.perturb(seg, rows=[0]), p1.perturb(seg, rows=[1]):
+        out = net(img)
+    with p2.perturb(seg, rows=[0]):
+        only0 = net(img)
+    assert torch.equal(out[1], once[1])
+    assert torch.equal(out[0], only0[0])
+    assert torch.equal(net(img), plain)
+
+
+# ------------------------------------------------------------------ thread race (class 6)
+
+
+class Gate(torch.nn.Module):
+    """Blocks the calling thread inside the forward until told to go on (when armed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+        self.inside, self.go = threading.Event(), threading.Event()
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        if self.armed:
+            self.inside.set()
+            assert self.go.wait(30)
+        return t
+
+
+class GatedNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = Gate()
+        self.attn = SelfAttn()
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return self.attn(self.gate(img.flatten(2).transpose(1, 2)))
+
+
+@failure_mode(
+    "a plain call in thread A still running when thread B's perturb() context exits (hooks "
+    "removed mid-call), then an empty context in A",
+    "no stale per-thread record: A's empty context exits cleanly and A's next perturbed call "
+    "equals a fresh run",
+)
+def test_plain_call_overlapping_other_threads_exit_leaves_no_stale_state() -> None:
+    from smoothguide.torch import AttentionPatcher
+
+    torch.manual_seed(0)
+    net = GatedNet().double()
+    img = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    patcher = AttentionPatcher(net, layers=SelfAttn)
+    seg = QuerySmoothing(INF)
+    with patcher.perturb(seg, rows=[1]):
+        expected = net(img)
+    errors: list[BaseException] = []
+    results: list[torch.Tensor] = []
+    b_in, b_out = threading.Event(), threading.Event()
+
+    def thread_a() -> None:
+        try:
+            assert b_in.wait(30)
+            net(img)  # plain call; blocks inside the gate
+            assert b_out.is_set()
+            with patcher.perturb(seg, rows=[1]):
+                pass  # empty: no model call
+            with patcher.perturb(seg, rows=[1]):
+                results.append(net(img))
+        except BaseException as exc:  # reported in the main thread
+            errors.append(exc)
+
+    net.gate.armed = True
+    a = threading.Thread(target=thread_a)
+    a.start()
+    with patcher.perturb(seg, rows=[0]):  # thread B (this one) enters ...
+        b_in.set()
+        assert net.gate.inside.wait(30)  # ... A's plain call is inside the model ...
+    b_out.set()  # ... and B's exit removed the hooks under it
+    net.gate.armed = False
+    net.gate.go.set()
+    a.join(60)
+    assert not a.is_alive()
+    assert not errors, errors
+    assert torch.equal(results[0], expected)

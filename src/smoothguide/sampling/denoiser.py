@@ -404,7 +404,7 @@ def _rebuild_mapping(template: Mapping[Any, Any], items: list[tuple[Any, Any]]) 
         out.update(items)
         return out
     try:
-        return type(template)(dict(items))
+        return type(template)(dict(items))  # type: ignore[call-arg]
     except Exception as exc:
         raise TypeError(
             f"cannot rebuild a {type(template).__name__} from its items; pass a dict, or use "
