@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from reliability_table import failure_mode
 from smoothguide import QuerySmoothing, TokenGrid
 from smoothguide import smooth_queries as core_smooth_queries
-from smoothguide.rules import CFG, Compose, Interval
+from smoothguide.rules import CFG, SEG, Compose, Interval
 from smoothguide.sampling import GuidedDenoiser, karras_sigmas
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -585,3 +585,52 @@ def test_plain_call_overlapping_other_threads_exit_leaves_no_stale_state() -> No
     assert not a.is_alive()
     assert not errors, errors
     assert torch.equal(results[0], expected)
+
+
+# ------------------------------------------------------------------ pipeline arguments (class 7)
+
+
+@pytest.fixture(scope="module")
+def sd_pipe() -> Any:
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from test_diffusers_unet_pipeline import make_pipe
+
+    return make_pipe("sd")
+
+
+@failure_mode(
+    "GuidedPipeline(...)(..., guidance_rescale=0.7), which the pipeline would apply to the "
+    "already guided prediction (a silent no-op)",
+    "TypeError before any step, pointing at Compose(..., Rescale(phi))",
+)
+def test_pipeline_refuses_guidance_rescale(sd_pipe: Any) -> None:
+    from smoothguide.diffusers import GuidedPipeline
+
+    calls: list[int] = []
+    handle = sd_pipe.unet.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        guided = GuidedPipeline(sd_pipe, CFG(3.0))
+        with pytest.raises(TypeError, match=r"guidance_rescale.*Rescale\(0\.7\)"):
+            guided("a cat", num_inference_steps=2, height=32, width=48, guidance_rescale=0.7)
+    finally:
+        handle.remove()
+    assert calls == []  # refused before the pipeline ran
+
+
+@failure_mode(
+    "SEG(layers='bogus'): a layer name that matches nothing",
+    "ValueError listing the available layers at GuidedPipeline(...), GuidedDenoiser(...) and "
+    "patcher.perturb(...) themselves, before any model call",
+)
+def test_unknown_layer_name_fails_at_construction(sd_pipe: Any) -> None:
+    from smoothguide.diffusers import GuidedPipeline, patcher_for
+
+    with pytest.raises(ValueError, match=r"'bogus'.*available layers: \['down_blocks"):
+        GuidedPipeline(sd_pipe, Compose(CFG(3.0), SEG(2.0, layers="bogus")))
+    patcher = patcher_for(sd_pipe.unet)
+    with pytest.raises(ValueError, match="available layers"):
+        patcher.perturb(QuerySmoothing(1.0, layers="bogus"), rows=[0])  # not even entered
+    with pytest.raises(ValueError, match="available layers"):
+        GuidedDenoiser(lambda x, s: x, SEG(2.0, layers="bogus"), perturber=patcher)
+    GuidedPipeline(sd_pipe, SEG(2.0, layers="mid"))  # a real preset is fine

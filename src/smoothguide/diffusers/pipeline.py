@@ -31,7 +31,7 @@ from typing import Any
 
 from ..branches import Branch
 from ..rules.base import GuidanceRule, StepContext
-from ..sampling.denoiser import _batch_order
+from ..sampling.denoiser import _batch_order, _check_layers
 from ..torch import AttentionPatcher
 from ..torch._deps import torch
 from ._deps import diffusers
@@ -289,6 +289,12 @@ class _SequentialStep:
     first: Any = None  # what the step's first call returned to the pipeline
 
 
+#: Pipeline arguments that act on the pipeline's own CFG combination, and what to use instead.
+_REFUSED = {
+    "guidance_rescale": "put Rescale in the rule instead, e.g. Compose(CFG(5.0), Rescale(0.7))",
+}
+
+
 class GuidedPipeline:
     """A diffusers pipeline guided by a :mod:`smoothguide.rules` rule (CFG, SEG, PAG, ...).
 
@@ -312,8 +318,10 @@ class GuidedPipeline:
     Notes
     -----
     CFG belongs to the rule: calling with ``guidance_scale`` raises
-    ``TypeError``. The pipeline's ``guidance_rescale`` would act on the guided
-    prediction; use :class:`~smoothguide.rules.Rescale` in the rule instead.
+    ``TypeError``, and so does ``guidance_rescale`` (the pipeline would apply it
+    to the guided prediction, where it does nothing): use
+    ``Compose(..., Rescale(phi))`` in the rule instead. Layer names of the
+    rule's perturbations are checked here, against the patcher's layers.
     One denoiser call per step evaluates exactly the branches the rule needs at
     that step (``[uncond, cond, perturbed...]``), so a neutral SEG or PAG scale
     costs nothing.
@@ -356,6 +364,7 @@ class GuidedPipeline:
         self.patcher = patcher_for(denoiser) if patcher is None else patcher
         if self.patcher.model is not denoiser:
             raise ValueError(f"patcher must patch pipe.{self.adapter.denoiser}, not another model")
+        _check_layers(rule, self.patcher)  # SEG(layers="bogus") fails here, listing the layers
         self._steps: list[_Step] = []
         self._calls = 0
         self._state: Any = None
@@ -374,6 +383,12 @@ class GuidedPipeline:
                 f"GuidedPipeline sets {clash} itself; put CFG in the rule instead, e.g. "
                 "SEG(3.0, cfg_scale=5.0) or Compose(CFG(5.0), PAG(3.0))"
             )
+        for name, instead in _REFUSED.items():
+            if name in kwargs:
+                raise TypeError(
+                    f"GuidedPipeline does not take {name}={kwargs[name]!r}: the pipeline would "
+                    f"apply it to the already guided prediction (a silent no-op); {instead}"
+                )
         with self.guiding():
             return self.pipe(*args, **kwargs, **forced)
 

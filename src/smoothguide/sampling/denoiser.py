@@ -22,6 +22,7 @@ import array_api_compat
 
 from .._array import Array, namespace
 from ..branches import Branch, Perturber
+from ..perturbations import Perturbation
 from ..rules.base import GuidanceRule, StepContext
 
 __all__ = ["GuidedDenoiser", "SteppableDenoiser", "batch_order"]
@@ -174,6 +175,8 @@ class GuidedDenoiser:
         self.perturber = perturber
         self.batched = batched
         self.sigmas = None if sigmas is None else _sigma_list(sigmas, "sigmas")
+        if perturber is not None:
+            _check_layers(rule, perturber)  # a bad layer name fails here, not at a step
         self._state: Any = rule.init_state()
         self._last_sigma: float | None = None
 
@@ -356,6 +359,52 @@ class GuidedDenoiser:
                 )
             return {}
         return {k: _broadcast_batch(v, batch) for k, v in self.uncond.items()}
+
+
+def _rule_perturbations(rule: Any) -> list[Any]:
+    """The perturbations a rule's terms declare (``term.perturbation``, through ``Compose``).
+
+    Used to check layer selections before the first step. A custom rule whose
+    perturbations are not reachable this way is checked at its first step instead.
+
+    Examples
+    --------
+    >>> from smoothguide.rules import CFG, PAG, SEG, Compose
+    >>> [type(p).__name__ for p in _rule_perturbations(Compose(CFG(2.0), SEG(3.0), PAG(1.0)))]
+    ['QuerySmoothing', 'IdentityAttention']
+    """
+    found: list[Any] = []
+    seen: set[int] = set()
+
+    def walk(obj: Any, depth: int) -> None:
+        if id(obj) in seen or depth > 8:
+            return
+        seen.add(id(obj))
+        try:
+            p = getattr(obj, "perturbation", None)
+        except Exception:  # a property that needs more than the rule itself
+            p = None
+        if isinstance(p, Perturbation) and p not in found:
+            found.append(p)
+        for t in getattr(obj, "terms", ()) or ():
+            walk(t, depth + 1)
+
+    walk(rule, 0)
+    return found
+
+
+def _check_layers(rule: Any, perturber: Any) -> None:
+    """Check each of ``rule``'s perturbations' layer selections with ``perturber.resolve``.
+
+    Raises the perturber's error (it lists the available layers) for a selection
+    that names no layer, before any model call. Perturbers without ``resolve`` are
+    not checked.
+    """
+    resolve = getattr(perturber, "resolve", None)
+    if not callable(resolve):
+        return
+    for p in _rule_perturbations(rule):
+        resolve(p.layers)
 
 
 def batch_order(branches: Sequence[Branch]) -> list[Branch]:

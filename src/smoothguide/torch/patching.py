@@ -410,10 +410,13 @@ class AttentionPatcher:
             For an unsupported perturbation, bad rows, unknown layers or rows
             that overlap another active perturbation.
         """
+        self._check(perturbation, rows)  # bad arguments fail here, not at the first step
         return _SingleUse(self._perturb(perturbation, rows))
 
-    @contextmanager
-    def _perturb(self, perturbation: Perturbation, rows: Sequence[int]) -> Iterator[None]:
+    def _check(
+        self, perturbation: Perturbation, rows: Sequence[int]
+    ) -> tuple[tuple[int, ...], frozenset[str], frozenset[int]]:
+        """Checked ``(rows, layer names, ids of the modules they cover)`` of a perturbation."""
         if not isinstance(perturbation, QuerySmoothing | IdentityAttention):
             raise TypeError(
                 "perturbation must be QuerySmoothing or IdentityAttention, got "
@@ -427,7 +430,11 @@ class AttentionPatcher:
         if len(set(checked)) != len(checked):
             raise ValueError(f"rows must not repeat, got {list(rows)}")
         layers = frozenset(self.resolve(perturbation.layers))
-        modules = self._check_nesting(layers)
+        return checked, layers, self._check_nesting(layers)
+
+    @contextmanager
+    def _perturb(self, perturbation: Perturbation, rows: Sequence[int]) -> Iterator[None]:
+        checked, layers, modules = self._check(perturbation, rows)
         for other in _PERTURBED.entries:
             shared = set(checked) & set(other.rows)
             if not other.modules & modules:
