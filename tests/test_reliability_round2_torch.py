@@ -634,3 +634,31 @@ def test_unknown_layer_name_fails_at_construction(sd_pipe: Any) -> None:
     with pytest.raises(ValueError, match="available layers"):
         GuidedDenoiser(lambda x, s: x, SEG(2.0, layers="bogus"), perturber=patcher)
     GuidedPipeline(sd_pipe, SEG(2.0, layers="mid"))  # a real preset is fine
+
+
+@failure_mode(
+    "GuidedPipeline regrouping the rows of nested denoiser kwargs (OrderedDict, namedtuple, "
+    "dataclass of tensors)",
+    "every container keeps its type and key order and every tensor inside is regrouped (equal to "
+    "index_select by hand)",
+)
+def test_pipeline_row_mapping_keeps_containers() -> None:
+    pytest.importorskip("diffusers")
+    from smoothguide.diffusers.pipeline import _map_rows
+
+    batch, index = 4, torch.tensor([2, 0, 3, 1])
+    t = [torch.randn(batch, 3) for _ in range(4)]
+    value = {
+        "added": collections.OrderedDict([("time_ids", t[0]), ("text_embeds", t[1])]),
+        "pair": Pair(t[2], torch.ones(1)),
+        "cond": Cond(t[3], scale=0.5),
+    }
+    out = _map_rows(value, batch, index)
+    assert _type_tree(out) == _type_tree(value)
+    assert list(out["added"]) == ["time_ids", "text_embeds"]
+    assert torch.equal(out["added"]["time_ids"], t[0][index])
+    assert torch.equal(out["added"]["text_embeds"], t[1][index])
+    assert torch.equal(out["pair"].first, t[2][index])
+    assert torch.equal(out["pair"].second, torch.ones(1))  # no batch axis: unchanged
+    assert torch.equal(out["cond"].emb, t[3][index])
+    assert out["cond"].scale == 0.5

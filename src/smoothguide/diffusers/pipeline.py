@@ -23,15 +23,16 @@ or restored when the call ends, also after an exception or with
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..branches import Branch
 from ..rules.base import GuidanceRule, StepContext
-from ..sampling.denoiser import _batch_order, _check_layers
+from ..sampling.denoiser import _batch_order, _check_layers, _rebuild_mapping, _rebuild_sequence
 from ..torch import AttentionPatcher
 from ..torch._deps import torch
 from ._deps import diffusers
@@ -254,15 +255,26 @@ register_pipeline_adapter(
 
 
 def _map_rows(value: Any, batch: int, index: torch.Tensor) -> Any:
-    """Index dim 0 of every tensor with ``batch`` rows, recursively in dicts/lists/tuples."""
+    """Index dim 0 of every tensor with ``batch`` rows, recursively in containers.
+
+    Mappings, lists, tuples, namedtuples and dataclass instances keep their type and
+    key order (a model may read a conditioning dict in order).
+    """
     if isinstance(value, torch.Tensor):
         if value.ndim >= 1 and value.shape[0] == batch:
             return value.index_select(0, index.to(value.device))
         return value
-    if isinstance(value, dict):
-        return {k: _map_rows(v, batch, index) for k, v in value.items()}
-    if isinstance(value, list | tuple) and not hasattr(value, "_fields"):
-        return type(value)(_map_rows(v, batch, index) for v in value)
+    if isinstance(value, Mapping):
+        return _rebuild_mapping(value, [(k, _map_rows(v, batch, index)) for k, v in value.items()])
+    if isinstance(value, list | tuple):
+        return _rebuild_sequence(value, [_map_rows(v, batch, index) for v in value])
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        changes = {
+            f.name: _map_rows(getattr(value, f.name), batch, index)
+            for f in dataclasses.fields(value)
+            if f.init
+        }
+        return dataclasses.replace(value, **changes)
     return value
 
 

@@ -195,7 +195,12 @@ class AttentionPatcher:
     second call of the same module against other tokens (IP-Adapter image keys)
     is left alone. Attention rows are mapped to model rows
     by the integer ratio of their batch sizes (heads or frames folded into the
-    batch, model row major). A perturbed layer that runs without calling
+    batch, model row major); SDPA calls on groups of heads or on consecutive
+    chunks of the batch (4-D queries) are mapped per call, and calls on chunks of
+    a folded ``(batch·heads)`` axis, which cannot be told apart from separate
+    attentions, raise ``RuntimeError``. A selection naming a module and one
+    inside it, or another patcher already perturbing the same rows of the same
+    modules, raises ``ValueError``. A perturbed layer that runs without calling
     ``scaled_dot_product_attention`` raises ``RuntimeError``, and so does a
     context in which the model ran but none of its selected layers did: the
     perturbation never silently does nothing.
