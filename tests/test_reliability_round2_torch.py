@@ -662,3 +662,25 @@ def test_pipeline_row_mapping_keeps_containers() -> None:
     assert torch.equal(out["pair"].second, torch.ones(1))  # no batch axis: unchanged
     assert torch.equal(out["cond"].emb, t[3][index])
     assert out["cond"].scale == 0.5
+
+
+@failure_mode(
+    "a bfloat16 / float16 Flux pipeline: the transformer gets timestep / 1000 in half precision",
+    "the step's sigma is found within the dtype's rounding (equal to the scheduler's own sigma), "
+    "not a ValueError",
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_timestep_finds_the_scheduler_sigma(dtype: torch.dtype) -> None:
+    diffusers = pytest.importorskip("diffusers")
+    from types import SimpleNamespace
+
+    from smoothguide.diffusers.pipeline import scheduler_sigma
+    from smoothguide.diffusers.transformers import _flux_sigma
+
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler()
+    scheduler.set_timesteps(28)
+    pipe = SimpleNamespace(scheduler=scheduler)
+    for i, t in enumerate(scheduler.timesteps):
+        half = (t / 1000).to(dtype).expand(2)  # what FluxPipeline hands its transformer
+        assert _flux_sigma(pipe, half) == float(scheduler.sigmas[i])
+        assert scheduler_sigma(pipe, t.to(dtype)) == float(scheduler.sigmas[i])

@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 
-def scheduler_sigma(pipe: Any, timestep: Any) -> float:
+def scheduler_sigma(pipe: Any, timestep: Any, *, scale: float = 1.0) -> float:
     """Noise level σ (``x = x0 + σ ε`` scale) of a pipeline step at ``timestep``.
 
     Uses the scheduler's ``sigmas`` at the index of ``timestep`` in its
@@ -60,7 +60,12 @@ def scheduler_sigma(pipe: Any, timestep: Any) -> float:
     pipe
         The pipeline (its ``scheduler`` is read).
     timestep
-        The denoiser's timestep argument (number or tensor).
+        The denoiser's timestep argument (number or tensor). A float16 or
+        bfloat16 tensor is matched to the scheduler's timesteps within its
+        dtype's rounding (uniquely, else ``ValueError``).
+    scale
+        Factor from ``timestep`` to the scheduler's timesteps (Flux passes
+        ``t / 1000``: ``scale=1000``).
 
     Returns
     -------
@@ -74,14 +79,28 @@ def scheduler_sigma(pipe: Any, timestep: Any) -> float:
     >>> scheduler_sigma(pipe, 999) == math.sqrt((1 - a) / a)
     True
     """
-    t = _timestep_value(timestep)
+    t = _timestep_value(timestep) * scale
     scheduler = pipe.scheduler
     sigmas = getattr(scheduler, "sigmas", None)
     timesteps = getattr(scheduler, "timesteps", None)
     if isinstance(sigmas, torch.Tensor) and isinstance(timesteps, torch.Tensor) and len(timesteps):
         distance = (timesteps.double().cpu() - t).abs()
+        # A half-precision timestep is off by up to half its ulp (twice that after * scale).
+        eps = (
+            torch.finfo(timestep.dtype).eps
+            if isinstance(timestep, torch.Tensor) and timestep.dtype.is_floating_point
+            else 0.0
+        )
+        tol = max(1e-3 * max(1.0, abs(t)), eps * abs(t))
+        near = [int(j) for j in torch.nonzero(distance <= tol).flatten()]
+        if len(set(float(timesteps[j]) for j in near)) > 1:
+            raise ValueError(
+                f"timestep {t} ({timestep.dtype}) matches the scheduler's timesteps "
+                f"{[float(timesteps[j]) for j in near]} within its rounding; pass the timestep "
+                "in float32"
+            )
         i = int(distance.argmin())
-        if float(distance[i]) <= 1e-3 * max(1.0, abs(t)) and i < len(sigmas):
+        if near and i < len(sigmas):
             return float(sigmas[i])
     alphas = getattr(scheduler, "alphas_cumprod", None)
     if isinstance(alphas, torch.Tensor):
