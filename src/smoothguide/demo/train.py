@@ -375,8 +375,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     ):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
-    if args.threads is not None and args.threads < 1:
-        raise SystemExit("--threads must be >= 1")
+    for name in ("threads", "classifier_steps", "warmup"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        parser.error(f"--lr must be a finite number > 0, got {args.lr}")
+    if not 0 <= args.ema < 1:
+        parser.error(f"--ema must be in [0, 1), got {args.ema}")
+    if not 0 <= args.label_dropout <= 1:
+        parser.error(f"--label-dropout must be in [0, 1], got {args.label_dropout}")
+    if args.max_minutes is not None and not args.max_minutes > 0:
+        parser.error(f"--max-minutes must be > 0, got {args.max_minutes}")
+    if args.heads < 1 or args.depth < 3:
+        parser.error(
+            f"--heads must be >= 1 and --depth >= 3 (the early/middle/late layer presets), "
+            f"got {args.heads} and {args.depth}"
+        )
+    if args.hidden < 4 or args.hidden % 4 or args.hidden % args.heads:
+        parser.error(
+            f"--hidden must be a multiple of 4 (2-D position embedding) and of --heads "
+            f"{args.heads}, got {args.hidden}"
+        )
     check_seed(parser, args.seed)
     if _same_dir(args.out, WEIGHTS_DIR) and not args.force:
         parser.error(
