@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from reliability_table import failure_mode
-from smoothguide import QuerySmoothing, TokenGrid
+from smoothguide import IdentityAttention, QuerySmoothing, TokenGrid
 from smoothguide import smooth_queries as core_smooth_queries
 from smoothguide.rules import CFG, SEG, Compose, Interval
 from smoothguide.sampling import GuidedDenoiser, karras_sigmas
@@ -416,7 +416,9 @@ def _chunk_nets(how: str, chunk: int = 2) -> tuple[ChunkNet, ChunkNet]:
     "the unchunked model's perturbed rows",
 )
 @pytest.mark.parametrize("how", ["batch", "heads"])
-@pytest.mark.parametrize("perturbation", [QuerySmoothing(1.0), QuerySmoothing(INF)])
+@pytest.mark.parametrize(
+    "perturbation", [QuerySmoothing(1.0), QuerySmoothing(INF), IdentityAttention()]
+)
 def test_sdpa_on_chunks_of_the_batch_maps_rows(how: str, perturbation: Any) -> None:
     from smoothguide.torch import AttentionPatcher
 
