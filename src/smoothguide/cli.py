@@ -55,7 +55,7 @@ def _sigma(text: str) -> float:
         value = float(text)
         if not math.isinf(value):
             default_radius(value)  # rejects NaN, negatives and kernels too wide to build
-    except ValueError as exc:
+    except (ValueError, OverflowError) as exc:
         raise argparse.ArgumentTypeError(
             f"sigma must be a number >= 0 or inf with a buildable kernel, got {text} ({exc})"
         ) from None
@@ -72,6 +72,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``smoothguide`` command.
 
@@ -84,9 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     >>> build_parser().parse_args(["energy", "--height", "4"]).height
     4
     """
+    from . import __version__
+
     parser = argparse.ArgumentParser(
         prog="smoothguide", description="Smoothed Energy Guidance for diffusion models."
     )
+    parser.add_argument("--version", action="version", version=f"smoothguide {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser(
         "demo",
@@ -98,15 +111,29 @@ def build_parser() -> argparse.ArgumentParser:
         "energy",
         help="how query blur changes the attention energy, variance and curvature of "
         "random queries",
+        description="Print a table: for each sigma, how blurring random queries on a token "
+        "grid changes their variance, the attention energy and its curvature.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    energy.add_argument("--height", type=_positive_int, default=12)
-    energy.add_argument("--width", type=_positive_int, default=16)
-    energy.add_argument("--dim", type=_positive_int, default=16)
-    energy.add_argument("--seed", type=int, default=0)
+    energy.add_argument("--height", type=_positive_int, default=12, help="token grid height")
+    energy.add_argument("--width", type=_positive_int, default=16, help="token grid width")
+    energy.add_argument("--dim", type=_positive_int, default=16, help="query and key dimension")
     energy.add_argument(
-        "--mode", default="reflect", choices=["reflect", "mirror", "nearest", "wrap"]
+        "--seed", type=_seed, default=0, help="seed of the random queries and keys (>= 0)"
     )
-    energy.add_argument("--sigmas", type=_sigma, nargs="+", default=[0, 0.5, 1, 2, 5, 10, math.inf])
+    energy.add_argument(
+        "--mode",
+        default="reflect",
+        choices=["reflect", "mirror", "nearest", "wrap"],
+        help="boundary mode of the blur (SciPy's names)",
+    )
+    energy.add_argument(
+        "--sigmas",
+        type=_sigma,
+        nargs="+",
+        default=[0, 0.5, 1, 2, 5, 10, math.inf],
+        help="blur widths, numbers >= 0 or inf (the mean query)",
+    )
     energy.set_defaults(func=_energy)
     sub.add_parser(
         "study",
@@ -142,10 +169,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     0
     """
     args_list = list(sys.argv[1:] if argv is None else argv)
-    if args_list and args_list[0] in DELEGATED:
-        return _delegate(DELEGATED[args_list[0]], args_list[1:])
-    args = build_parser().parse_args(args_list)
-    return int(args.func(args))
+    try:
+        if args_list and args_list[0] in DELEGATED:
+            return _delegate(DELEGATED[args_list[0]], args_list[1:])
+        args = build_parser().parse_args(args_list)
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("smoothguide: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

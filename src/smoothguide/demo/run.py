@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..rules import CFG, PAG, SEG
+from ._cli import check_device, check_out_dir, check_seed, check_weights_dir, run_main
 from ._deps import require, torch
 from .data import load_demo_data
 from .guide import DEFAULT_LAYERS, demo_patcher, guided_sample
@@ -288,7 +289,7 @@ def run_demo(
     Raises
     ------
     ValueError
-        If ``num_samples < 10`` or ``steps < 1``.
+        If ``num_samples < 10``, ``steps < 1`` or ``seed < 0``.
     smoothguide.demo.weights.WeightsError
         If the weights are missing or damaged.
 
@@ -310,8 +311,10 @@ def run_demo(
     ...
     smoothguide.demo.weights.WeightsError: no demo weights at .../config.json; ...
     """
-    if not isinstance(seed, int):
+    if not isinstance(seed, int) or isinstance(seed, bool):
         raise TypeError(f"seed must be an int, got {seed!r}")
+    if seed < 0:  # checked before any work: NumPy's generator refuses it only at the end
+        raise ValueError(f"seed must be >= 0, got {seed}")
     n = num_samples if num_samples is not None else (30 if quick else 200)
     steps = steps if steps is not None else (8 if quick else 16)
     if n < 10:
@@ -500,16 +503,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="smoothguide demo",
         description="Compare SEG with no guidance, CFG and PAG on the embedded MNIST model.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--out", default="smoothguide-demo", help="output directory")
     p.add_argument("--quick", action="store_true", help="fewer samples, steps and methods")
-    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-samples", type=int, default=None, help="samples per method")
-    p.add_argument("--steps", type=int, default=None, help="Euler steps")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, mps, ...)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise (>= 0)")
     p.add_argument(
-        "--weights-dir", default=None, help="weights directory (default: the shipped weights)"
+        "--num-samples",
+        type=int,
+        default=None,
+        help="samples per method, >= 10 (None: 200, or 30 with --quick)",
+    )
+    p.add_argument(
+        "--steps", type=int, default=None, help="Euler steps (None: 16, or 8 with --quick)"
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (None: torch's)")
+    p.add_argument(
+        "--weights-dir", default=None, help="weights directory (None: the shipped weights)"
     )
     p.add_argument("--no-progress", action="store_true", help="disable the progress bar")
     return p
@@ -532,7 +543,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ------
     SystemExit
         Status 2 (with a usage message on stderr) for invalid options, e.g.
-        ``--num-samples`` below 10, ``--steps`` or ``--threads`` below 1.
+        ``--num-samples`` below 10, ``--steps`` or ``--threads`` below 1, a
+        negative ``--seed``, an unwritable ``--out``, a device this machine
+        lacks or a ``--weights-dir`` without weights. At run time an interrupt
+        prints one line and returns 130, a weights or file error one line and 1.
 
     Examples
     --------
@@ -550,25 +564,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--num-samples must be >= 10, got {args.num_samples}")
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    check_seed(parser, args.seed)
+    check_out_dir(parser, args.out)
+    check_device(parser, args.device)
+    check_weights_dir(parser, args.weights_dir)
     if args.threads is not None:
-        if args.threads < 1:
-            parser.error(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    run_demo(
-        args.out,
-        quick=args.quick,
-        device=args.device,
-        progress=not args.no_progress,
-        seed=args.seed,
-        num_samples=args.num_samples,
-        steps=args.steps,
-        weights_dir=args.weights_dir,
-    )
-    print(
-        f"wrote {os.path.abspath(args.out)}: grid_unconditional.png, grid_conditional.png, "
-        "pareto.png, metrics.md, metrics.json"
-    )
-    return 0
+
+    def work() -> int:
+        run_demo(
+            args.out,
+            quick=args.quick,
+            device=args.device,
+            progress=not args.no_progress,
+            seed=args.seed,
+            num_samples=args.num_samples,
+            steps=args.steps,
+            weights_dir=args.weights_dir,
+        )
+        print(
+            f"wrote {os.path.abspath(args.out)}: grid_unconditional.png, grid_conditional.png, "
+            "pareto.png, metrics.md, metrics.json"
+        )
+        return 0
+
+    return run_main("smoothguide demo", work, out=args.out)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ the weights. It is seeded, shows a tqdm bar (``--no-progress`` turns it off),
 writes a resumable checkpoint every ``--checkpoint-every`` steps (safetensors +
 JSON, no pickle), stops gracefully at ``--steps`` or after ``--max-minutes`` and
 finally exports the EMA weights, the classifier and a provenance JSON to
-``--out`` (default: the package's ``weights/`` directory).
+``--out`` (default: a new ``smoothguide-demo-weights`` folder in the current
+directory; the shipped weights in the package's ``weights/`` folder are only
+replaced with ``--out`` naming that folder and ``--force``).
 
 Example::
 
@@ -30,6 +32,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from ._cli import check_device, check_out_dir, check_seed, run_main
 from ._deps import require, torch
 from .data import load_demo_data
 from .model import (
@@ -76,7 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     >>> args.steps, args.threads, args.depth, args.dtype
     (100, 2, 5, 'float16')
     """
-    p = argparse.ArgumentParser(prog="smoothguide train-demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="smoothguide train-demo",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--steps", type=int, default=30000, help="diffusion optimizer steps")
     p.add_argument(
         "--max-minutes",
@@ -84,17 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="stop gracefully after this wall time (this run) and still save",
     )
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=4e-4)
-    p.add_argument("--warmup", type=int, default=500)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (None: torch's)")
+    p.add_argument("--batch-size", type=int, default=64, help="diffusion batch size")
+    p.add_argument("--lr", type=float, default=4e-4, help="AdamW learning rate")
+    p.add_argument("--warmup", type=int, default=500, help="linear learning-rate warm-up steps")
     p.add_argument("--ema", type=float, default=0.9995, help="EMA decay")
-    p.add_argument("--label-dropout", type=float, default=0.12)
+    p.add_argument(
+        "--label-dropout", type=float, default=0.12, help="fraction of labels set to the null class"
+    )
     dit = DiTConfig()
-    p.add_argument("--hidden", type=int, default=dit.hidden)
-    p.add_argument("--depth", type=int, default=dit.depth)
-    p.add_argument("--heads", type=int, default=dit.heads)
-    p.add_argument("--classifier-epochs", type=int, default=10)
+    p.add_argument("--hidden", type=int, default=dit.hidden, help="DiT hidden width")
+    p.add_argument("--depth", type=int, default=dit.depth, help="DiT blocks")
+    p.add_argument("--heads", type=int, default=dit.heads, help="DiT attention heads")
+    p.add_argument(
+        "--classifier-epochs", type=int, default=10, help="epochs of the classifier training"
+    )
     p.add_argument(
         "--classifier-steps", type=int, default=None, help="cap on classifier steps (tests)"
     )
@@ -104,9 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
         default="smoothguide-demo-train",
         help="directory of the resumable checkpoint",
     )
-    p.add_argument("--checkpoint-every", type=int, default=1000)
+    p.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
-    p.add_argument("--out", default=WEIGHTS_DIR, help="where the final weights go")
+    p.add_argument(
+        "--out",
+        default="smoothguide-demo-weights",
+        help="where the final weights go (never the shipped weights folder without --force)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="allow --out to be the package's shipped weights folder (replaces them)",
+    )
     p.add_argument(
         "--dtype",
         choices=["float16", "float32"],
@@ -121,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--preview-per-class", type=int, default=10, help="CFG samples per digit in the final check"
     )
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, mps, ...)")
     p.add_argument("--no-progress", action="store_true", help="disable the tqdm bar")
     return p
 
@@ -329,8 +349,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     Raises
     ------
     SystemExit
-        For invalid options (a count below 1), a checkpoint of another model
-        config, or ``--export-only`` without a checkpoint.
+        For invalid options (a count below 1, a negative seed, an unwritable
+        ``--out``, a device this machine lacks, ``--out`` naming the shipped
+        weights folder without ``--force``), a checkpoint of another model
+        config, or ``--export-only`` without a checkpoint. An interrupt prints
+        one line and returns 130.
 
     Examples
     --------
@@ -341,7 +364,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ...
     SystemExit: --steps must be >= 1
     """
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     for name in (
         "steps",
         "batch_size",
@@ -351,8 +375,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     ):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("threads", "classifier_steps", "warmup"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        parser.error(f"--lr must be a finite number > 0, got {args.lr}")
+    if not 0 <= args.ema < 1:
+        parser.error(f"--ema must be in [0, 1), got {args.ema}")
+    if not 0 <= args.label_dropout <= 1:
+        parser.error(f"--label-dropout must be in [0, 1], got {args.label_dropout}")
+    if args.max_minutes is not None and not args.max_minutes > 0:
+        parser.error(f"--max-minutes must be > 0, got {args.max_minutes}")
+    if args.heads < 1 or args.depth < 3:
+        parser.error(
+            f"--heads must be >= 1 and --depth >= 3 (the early/middle/late layer presets), "
+            f"got {args.heads} and {args.depth}"
+        )
+    if args.hidden < 4 or args.hidden % 4 or args.hidden % args.heads:
+        parser.error(
+            f"--hidden must be a multiple of 4 (2-D position embedding) and of --heads "
+            f"{args.heads}, got {args.hidden}"
+        )
+    check_seed(parser, args.seed)
+    if _same_dir(args.out, WEIGHTS_DIR) and not args.force:
+        parser.error(
+            f"--out {args.out} is the package's shipped weights folder; training would replace "
+            "the demo's weights: pass another --out, or --force to replace them"
+        )
+    check_out_dir(parser, args.out)
+    check_out_dir(parser, args.checkpoint_dir, "--checkpoint-dir")
+    check_device(parser, args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    return run_main("smoothguide train-demo", lambda: _train(args), out=args.out)
+
+
+def _same_dir(a: str, b: str) -> bool:
+    return os.path.realpath(os.path.abspath(a)) == os.path.realpath(os.path.abspath(b))
+
+
+def _train(args: argparse.Namespace) -> int:
+    """The training job of :func:`main`, on checked arguments."""
     tqdm = require("tqdm").tqdm
     progress = not args.no_progress
     t_start = job_start = _clock()

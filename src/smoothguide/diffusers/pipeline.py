@@ -23,8 +23,9 @@ or restored when the call ends, also after an exception or with
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +34,7 @@ from ..branches import Branch
 from ..rules._prediction import Prediction
 from ..rules.base import GuidanceRule, StepContext
 from ..sag import AttentionMaskedBlur
-from ..sampling.denoiser import _batch_order
+from ..sampling.denoiser import _batch_order, _check_layers, _rebuild_mapping, _rebuild_sequence
 from ..torch import AttentionPatcher
 from ..torch._deps import torch
 from ..weak_model import WeakModel
@@ -50,7 +51,7 @@ __all__ = [
 ]
 
 
-def scheduler_sigma(pipe: Any, timestep: Any) -> float:
+def scheduler_sigma(pipe: Any, timestep: Any, *, scale: float = 1.0) -> float:
     """Noise level σ (``x = x0 + σ ε`` scale) of a pipeline step at ``timestep``.
 
     Uses the scheduler's ``sigmas`` at the index of ``timestep`` in its
@@ -62,7 +63,12 @@ def scheduler_sigma(pipe: Any, timestep: Any) -> float:
     pipe
         The pipeline (its ``scheduler`` is read).
     timestep
-        The denoiser's timestep argument (number or tensor).
+        The denoiser's timestep argument (number or tensor). A float16 or
+        bfloat16 tensor is matched to the scheduler's timesteps within its
+        dtype's rounding (uniquely, else ``ValueError``).
+    scale
+        Factor from ``timestep`` to the scheduler's timesteps (Flux passes
+        ``t / 1000``: ``scale=1000``).
 
     Returns
     -------
@@ -76,14 +82,28 @@ def scheduler_sigma(pipe: Any, timestep: Any) -> float:
     >>> scheduler_sigma(pipe, 999) == math.sqrt((1 - a) / a)
     True
     """
-    t = _timestep_value(timestep)
+    t = _timestep_value(timestep) * scale
     scheduler = pipe.scheduler
     sigmas = getattr(scheduler, "sigmas", None)
     timesteps = getattr(scheduler, "timesteps", None)
     if isinstance(sigmas, torch.Tensor) and isinstance(timesteps, torch.Tensor) and len(timesteps):
         distance = (timesteps.double().cpu() - t).abs()
+        # A half-precision timestep is off by up to half its ulp (twice that after * scale).
+        eps = (
+            torch.finfo(timestep.dtype).eps
+            if isinstance(timestep, torch.Tensor) and timestep.dtype.is_floating_point
+            else 0.0
+        )
+        tol = max(1e-3 * max(1.0, abs(t)), eps * abs(t))
+        near = [int(j) for j in torch.nonzero(distance <= tol).flatten()]
+        if len(set(float(timesteps[j]) for j in near)) > 1:
+            raise ValueError(
+                f"timestep {t} ({timestep.dtype}) matches the scheduler's timesteps "
+                f"{[float(timesteps[j]) for j in near]} within its rounding; pass the timestep "
+                "in float32"
+            )
         i = int(distance.argmin())
-        if float(distance[i]) <= 1e-3 * max(1.0, abs(t)) and i < len(sigmas):
+        if near and i < len(sigmas):
             return float(sigmas[i])
     alphas = getattr(scheduler, "alphas_cumprod", None)
     if isinstance(alphas, torch.Tensor):
@@ -267,15 +287,26 @@ register_pipeline_adapter(
 
 
 def _map_rows(value: Any, batch: int, index: torch.Tensor) -> Any:
-    """Index dim 0 of every tensor with ``batch`` rows, recursively in dicts/lists/tuples."""
+    """Index dim 0 of every tensor with ``batch`` rows, recursively in containers.
+
+    Mappings, lists, tuples, namedtuples and dataclass instances keep their type and
+    key order (a model may read a conditioning dict in order).
+    """
     if isinstance(value, torch.Tensor):
         if value.ndim >= 1 and value.shape[0] == batch:
             return value.index_select(0, index.to(value.device))
         return value
-    if isinstance(value, dict):
-        return {k: _map_rows(v, batch, index) for k, v in value.items()}
-    if isinstance(value, list | tuple) and not hasattr(value, "_fields"):
-        return type(value)(_map_rows(v, batch, index) for v in value)
+    if isinstance(value, Mapping):
+        return _rebuild_mapping(value, [(k, _map_rows(v, batch, index)) for k, v in value.items()])
+    if isinstance(value, list | tuple):
+        return _rebuild_sequence(value, [_map_rows(v, batch, index) for v in value])
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        changes = {
+            f.name: _map_rows(getattr(value, f.name), batch, index)
+            for f in dataclasses.fields(value)
+            if f.init
+        }
+        return dataclasses.replace(value, **changes)
     return value
 
 
@@ -304,6 +335,12 @@ class _SequentialStep:
     first: Any = None  # what the step's first call returned to the pipeline
 
 
+#: Pipeline arguments that act on the pipeline's own CFG combination, and what to use instead.
+_REFUSED = {
+    "guidance_rescale": "put Rescale in the rule instead, e.g. Compose(CFG(5.0), Rescale(0.7))",
+}
+
+
 class GuidedPipeline:
     """A diffusers pipeline guided by a :mod:`smoothguide.rules` rule (CFG, SEG, PAG, ...).
 
@@ -327,8 +364,10 @@ class GuidedPipeline:
     Notes
     -----
     CFG belongs to the rule: calling with ``guidance_scale`` raises
-    ``TypeError``. The pipeline's ``guidance_rescale`` would act on the guided
-    prediction; use :class:`~smoothguide.rules.Rescale` in the rule instead.
+    ``TypeError``, and so does ``guidance_rescale`` (the pipeline would apply it
+    to the guided prediction, where it does nothing): use
+    ``Compose(..., Rescale(phi))`` in the rule instead. Layer names of the
+    rule's perturbations are checked here, against the patcher's layers.
     One denoiser call per step evaluates exactly the branches the rule needs at
     that step (``[uncond, cond, perturbed...]``), so a neutral SEG or PAG scale
     costs nothing.
@@ -371,6 +410,7 @@ class GuidedPipeline:
         self.patcher = patcher_for(denoiser) if patcher is None else patcher
         if self.patcher.model is not denoiser:
             raise ValueError(f"patcher must patch pipe.{self.adapter.denoiser}, not another model")
+        _check_layers(rule, self.patcher)  # SEG(layers="bogus") fails here, listing the layers
         self._steps: list[_Step] = []
         self._calls = 0
         self._state: Any = None
@@ -389,6 +429,12 @@ class GuidedPipeline:
                 f"GuidedPipeline sets {clash} itself; put CFG in the rule instead, e.g. "
                 "SEG(3.0, cfg_scale=5.0) or Compose(CFG(5.0), PAG(3.0))"
             )
+        for name, instead in _REFUSED.items():
+            if name in kwargs:
+                raise TypeError(
+                    f"GuidedPipeline does not take {name}={kwargs[name]!r}: the pipeline would "
+                    f"apply it to the already guided prediction (a silent no-op); {instead}"
+                )
         with self.guiding():
             return self.pipe(*args, **kwargs, **forced)
 

@@ -111,8 +111,8 @@ TRANSFORMER_CFG_PIPELINES = register_pipeline_adapter(
 
 
 def _flux_sigma(pipe: Any, timestep: Any) -> float:
-    # FluxPipeline passes timestep / 1000 to the transformer.
-    return scheduler_sigma(pipe, timestep * 1000)
+    # FluxPipeline passes timestep / 1000 to the transformer (in its dtype, maybe bfloat16).
+    return scheduler_sigma(pipe, timestep, scale=1000.0)
 
 
 #: ``FluxPipeline``: conditional branch only (guidance-distilled); true CFG switched off.

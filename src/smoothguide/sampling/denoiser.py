@@ -10,9 +10,11 @@ passes the step index and keeps stateful rules' state explicit through
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import itertools
 import numbers
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from contextlib import ExitStack
 from typing import Any, Protocol, runtime_checkable
 
@@ -20,6 +22,7 @@ import array_api_compat
 
 from .._array import Array, namespace
 from ..branches import Branch, Perturber
+from ..perturbations import Perturbation
 from ..rules._prediction import denoised_of
 from ..rules.base import GuidanceRule, StepContext
 from ..sag import AttentionMaskedBlur, sag_degrade, sag_mask
@@ -175,6 +178,8 @@ class GuidedDenoiser:
         self.perturber = perturber
         self.batched = batched
         self.sigmas = None if sigmas is None else _sigma_list(sigmas, "sigmas")
+        if perturber is not None:
+            _check_layers(rule, perturber)  # a bad layer name fails here, not at a step
         self._state: Any = rule.init_state()
         self._last_sigma: float | None = None
 
@@ -207,17 +212,46 @@ class GuidedDenoiser:
         """The :class:`~smoothguide.rules.StepContext` of a call at ``sigma``.
 
         The step index is found in ``sigmas`` (given at construction) when
-        ``sigma`` equals one of its entries up to a relative 1e-5; otherwise it
-        is unknown (``None``).
+        ``sigma`` equals one of its entries up to a relative 1e-5, or up to the
+        rounding of ``sigma``'s dtype when that is coarser (float16, bfloat16 σ of
+        half-precision samplers), and the match is unique; otherwise it is unknown
+        (``None``).
         """
         s = _sigma_value(sigma)
         if self.sigmas is None:
             return StepContext(s)
-        n = len(self.sigmas) - 1
-        for i in range(n):
-            if abs(self.sigmas[i] - s) <= 1e-5 * max(abs(s), 1e-12):
-                return StepContext(s, step=i, num_steps=n)
-        return StepContext(s)
+        step, _ = self._find_step(sigma, s)
+        if step is None:
+            return StepContext(s)
+        return StepContext(s, step=step, num_steps=len(self.sigmas) - 1)
+
+    def _find_step(self, sigma: Any, s: float) -> tuple[int | None, str]:
+        """The step of ``sigma`` (value ``s``) in ``self.sigmas``, or ``None`` and why not."""
+        assert self.sigmas is not None
+        sigmas = self.sigmas[:-1]  # the last entry is where the run ends, not a step
+        rel, tiny, dtype = _precision(sigma)
+        near = [i for i, t in enumerate(sigmas) if abs(t - s) <= rel * max(abs(t), abs(s)) + tiny]
+        if len(near) == 1:
+            return near[0], ""
+        if len(near) > 1:
+            # Several entries lie within the dtype's rounding: take the one that rounds
+            # to exactly this sigma, if only one does.
+            exact = [i for i in near if _rounded(sigma, sigmas[i]) == s]
+            if len(exact) == 1:
+                return exact[0], ""
+            return None, (
+                f"sigma={s!r} ({dtype}) matches steps {near} of the sigmas= given to "
+                f"GuidedDenoiser ({[sigmas[i] for i in near]}) within {dtype} rounding, so "
+                "its step is ambiguous; call the denoiser with sigma in a finer dtype "
+                "(float32 or float64)"
+            )
+        k = min(range(len(sigmas)), key=lambda i: abs(sigmas[i] - s))
+        return None, (
+            f"sigma={s!r} ({dtype}) is not one of the noise levels in the sigmas= given to "
+            f"GuidedDenoiser (nearest: step {k}, sigma={sigmas[k]!r}), so its step is "
+            "unknown; call the denoiser at the schedule's noise levels (a sampler that "
+            "evaluates between them, e.g. at midpoints, cannot use on='progress')"
+        )
 
     def step(
         self,
@@ -257,9 +291,17 @@ class GuidedDenoiser:
             ctx = self.context(sigma)
         elif not isinstance(ctx, StepContext):
             raise TypeError(f"ctx must be a StepContext or None, got {ctx!r}")
-        needed = tuple(self.rule.branches(ctx))
-        outputs = self.evaluate(needed, x, sigma, cond)
-        out, new_state = self.rule.combine(outputs, ctx, state)
+        try:
+            needed = tuple(self.rule.branches(ctx))
+            outputs = self.evaluate(needed, x, sigma, cond)
+            out, new_state = self.rule.combine(outputs, ctx, state)
+        except ValueError as exc:
+            if self.sigmas is None or ctx.step is not None or "step" not in str(exc):
+                raise
+            # The rule needs the step index and sigmas= was given: say why it was not
+            # found instead of the generic advice to pass sigmas=.
+            _, why = self._find_step(sigma, ctx.sigma)
+            raise ValueError(f"the rule needs the step index at this call, but {why}") from exc
         return out, new_state
 
     def evaluate(
@@ -396,6 +438,52 @@ class GuidedDenoiser:
         return {k: _broadcast_batch(v, batch) for k, v in self.uncond.items()}
 
 
+def _rule_perturbations(rule: Any) -> list[Any]:
+    """The perturbations a rule's terms declare (``term.perturbation``, through ``Compose``).
+
+    Used to check layer selections before the first step. A custom rule whose
+    perturbations are not reachable this way is checked at its first step instead.
+
+    Examples
+    --------
+    >>> from smoothguide.rules import CFG, PAG, SEG, Compose
+    >>> [type(p).__name__ for p in _rule_perturbations(Compose(CFG(2.0), SEG(3.0), PAG(1.0)))]
+    ['QuerySmoothing', 'IdentityAttention']
+    """
+    found: list[Any] = []
+    seen: set[int] = set()
+
+    def walk(obj: Any, depth: int) -> None:
+        if id(obj) in seen or depth > 8:
+            return
+        seen.add(id(obj))
+        try:
+            p = getattr(obj, "perturbation", None)
+        except Exception:  # a property that needs more than the rule itself
+            p = None
+        if isinstance(p, Perturbation) and p not in found:
+            found.append(p)
+        for t in getattr(obj, "terms", ()) or ():
+            walk(t, depth + 1)
+
+    walk(rule, 0)
+    return found
+
+
+def _check_layers(rule: Any, perturber: Any) -> None:
+    """Check each of ``rule``'s perturbations' layer selections with ``perturber.resolve``.
+
+    Raises the perturber's error (it lists the available layers) for a selection
+    that names no layer, before any model call. Perturbers without ``resolve`` are
+    not checked.
+    """
+    resolve = getattr(perturber, "resolve", None)
+    if not callable(resolve):
+        return
+    for p in _rule_perturbations(rule):
+        resolve(p.layers)
+
+
 def batch_order(branches: Sequence[Branch]) -> list[Branch]:
     """Unique branches in batch order: ``[uncond, cond, perturbed...]``.
 
@@ -432,10 +520,58 @@ def batch_order(branches: Sequence[Branch]) -> list[Branch]:
 _batch_order = batch_order  # the name smoothguide.diffusers imports
 
 
+def _rebuild_mapping(template: Mapping[Any, Any], items: list[tuple[Any, Any]]) -> Any:
+    """A mapping of ``template``'s type (dict, OrderedDict, defaultdict, ...) holding ``items``."""
+    if type(template) is dict:
+        return dict(items)
+    if isinstance(template, MutableMapping):
+        out = copy.copy(template)  # keeps the type and e.g. a defaultdict's factory
+        out.clear()
+        out.update(items)
+        return out
+    try:
+        return type(template)(dict(items))  # type: ignore[call-arg]
+    except Exception as exc:
+        raise TypeError(
+            f"cannot rebuild a {type(template).__name__} from its items; pass a dict, or use "
+            "batched=False"
+        ) from exc
+
+
+def _rebuild_sequence(template: Any, items: list[Any]) -> Any:
+    """A list, tuple or namedtuple like ``template`` holding ``items``."""
+    if isinstance(template, tuple) and hasattr(template, "_fields"):
+        return type(template)(*items)  # namedtuple
+    if type(template) in (list, tuple):
+        return type(template)(items)
+    return type(template)(items)  # a list or tuple subclass
+
+
+def _is_sequence(v: object) -> bool:
+    return isinstance(v, list | tuple)
+
+
+def _is_dataclass_instance(v: object) -> bool:
+    return dataclasses.is_dataclass(v) and not isinstance(v, type)
+
+
 def _broadcast_batch(v: Any, batch: int) -> Any:
-    """Broadcast arrays with a leading axis of 1 to ``batch`` (also inside mappings)."""
+    """Broadcast arrays with a leading axis of 1 to ``batch``, also inside containers.
+
+    Mappings, lists, tuples (namedtuples) and dataclass instances keep their type
+    and key order.
+    """
     if isinstance(v, Mapping):
-        return {k: _broadcast_batch(u, batch) for k, u in v.items()}
+        return _rebuild_mapping(v, [(k, _broadcast_batch(u, batch)) for k, u in v.items()])
+    if _is_sequence(v):
+        return _rebuild_sequence(v, [_broadcast_batch(u, batch) for u in v])
+    if _is_dataclass_instance(v):
+        changes = {
+            f.name: _broadcast_batch(getattr(v, f.name), batch)
+            for f in dataclasses.fields(v)
+            if f.init
+        }
+        return dataclasses.replace(v, **changes)
     if _is_array(v) and v.ndim >= 1 and v.shape[0] == 1 and batch != 1:
         xp = namespace(v)
         return xp.broadcast_to(v, (batch, *v.shape[1:]))
@@ -445,7 +581,10 @@ def _broadcast_batch(v: Any, batch: int) -> Any:
 def _merge_kwargs(
     xp: Any, kwargs: list[dict[str, Any]], order: list[Branch], batch: int
 ) -> dict[str, Any]:
-    """Stack the branches' keyword arguments along axis 0, in branch order."""
+    """Stack the branches' keyword arguments along axis 0, in branch order.
+
+    Keyword arguments keep the order of the first branch's (they bind by name).
+    """
     keys = set(kwargs[0])
     for b, kw in zip(order, kwargs, strict=True):
         if set(kw) != keys:
@@ -454,19 +593,61 @@ def _merge_kwargs(
                 f"{order[0]!r} has {sorted(keys)}, {b!r} has {sorted(kw)}; give uncond= the "
                 "same keys as the call, or use batched=False"
             )
-    return {k: _merge_value(xp, [kw[k] for kw in kwargs], batch, repr(k)) for k in sorted(keys)}
+    return {k: _merge_value(xp, [kw[k] for kw in kwargs], batch, repr(k)) for k in kwargs[0]}
 
 
 def _merge_value(xp: Any, values: list[Any], batch: int, name: str) -> Any:
-    """Merge one keyword argument: concat arrays, recurse into mappings, keep equal constants."""
+    """Merge one keyword argument: concat arrays, recurse into containers, keep equal constants.
+
+    Containers (mappings, lists, tuples, namedtuples, dataclass instances) are rebuilt
+    with the type and key order of the branches' values, which must agree: a model
+    may read a mapping in order, so a different order would change what it computes.
+    """
+    first = values[0]
     if all(isinstance(v, Mapping) for v in values):
-        keys = set(values[0])
-        if any(set(v) != keys for v in values):
+        keys = list(first)
+        for v in values[1:]:
+            if list(v) != keys:
+                what = "keys" if set(v) != set(keys) else "key order"
+                raise ValueError(
+                    f"cannot batch keyword argument {name}: its {what} differ between branches "
+                    f"({[list(u) for u in values]}); give uncond= the same keys in the same "
+                    "order, or use batched=False"
+                )
+        return _rebuild_mapping(
+            first,
+            [(k, _merge_value(xp, [v[k] for v in values], batch, f"{name}[{k!r}]")) for k in keys],
+        )
+    if all(_is_sequence(v) for v in values):
+        if any(type(v) is not type(first) or len(v) != len(first) for v in values):
             raise ValueError(
-                f"cannot batch keyword argument {name}: its keys differ between branches "
-                f"({[sorted(v) for v in values]}); use batched=False"
+                f"cannot batch keyword argument {name}: its containers differ between branches "
+                f"({[f'{type(v).__name__} of {len(v)}' for v in values]}); use batched=False"
             )
-        return {k: _merge_value(xp, [v[k] for v in values], batch, f"{name}[{k!r}]") for k in keys}
+        return _rebuild_sequence(
+            first,
+            [
+                _merge_value(xp, [v[i] for v in values], batch, f"{name}[{i}]")
+                for i in range(len(first))
+            ],
+        )
+    if all(_is_dataclass_instance(v) for v in values):
+        if any(type(v) is not type(first) for v in values):
+            raise ValueError(
+                f"cannot batch keyword argument {name}: its types differ between branches "
+                f"({[type(v).__name__ for v in values]}); use batched=False"
+            )
+        merged = {}
+        for f in dataclasses.fields(first):
+            parts = [getattr(v, f.name) for v in values]
+            if f.init:
+                merged[f.name] = _merge_value(xp, parts, batch, f"{name}.{f.name}")
+            elif not all(_same(parts[0], u) for u in parts[1:]):
+                raise ValueError(
+                    f"cannot batch keyword argument {name}: its field {f.name!r} (not an "
+                    "__init__ field) differs between branches; use batched=False"
+                )
+        return dataclasses.replace(first, **merged)
     if all(_is_array(v) and v.ndim >= 1 for v in values):
         parts = []
         for v in values:
@@ -484,8 +665,8 @@ def _merge_value(xp: Any, values: list[Any], batch: int, name: str) -> Any:
                 f"({[tuple(p.shape) for p in parts]}); use batched=False"
             )
         return xp.concat(parts, axis=0)
-    if all(_same(values[0], v) for v in values[1:]):
-        return values[0]
+    if all(_same(first, v) for v in values[1:]):
+        return first
     raise ValueError(
         f"cannot batch keyword argument {name}: its values differ between branches and "
         "are not arrays with a batch axis; use batched=False"
@@ -539,6 +720,30 @@ def _sigma_value(sigma: Any) -> float:
     if not value >= 0.0:
         raise ValueError(f"sigma must be >= 0, got {value}")
     return value
+
+
+def _precision(sigma: Any) -> tuple[float, float, str]:
+    """Relative and absolute tolerance for matching ``sigma`` to a schedule, and its dtype.
+
+    A relative 1e-5, or the dtype's machine epsilon (twice its rounding error) when
+    that is coarser, plus the dtype's smallest normal number for subnormal sigma.
+    """
+    if _is_array(sigma):
+        xp = namespace(sigma)
+        try:
+            info = xp.finfo(sigma.dtype)
+        except (TypeError, ValueError):  # an integer dtype: exact values
+            return 1e-5, 0.0, str(sigma.dtype)
+        return max(1e-5, float(info.eps)), float(info.smallest_normal), str(sigma.dtype)
+    return 1e-5, 0.0, type(sigma).__name__
+
+
+def _rounded(sigma: Any, value: float) -> float:
+    """``value`` rounded to ``sigma``'s dtype (``value`` itself for a Python number)."""
+    if not _is_array(sigma):
+        return value
+    xp = namespace(sigma)
+    return float(xp.asarray(value, dtype=sigma.dtype, device=array_api_compat.device(sigma)))
 
 
 def _sigma_list(sigmas: Any, name: str) -> list[float]:

@@ -130,14 +130,51 @@ class TokenLayout(Protocol):
 class ImageTokens:
     """Only image tokens, ``frames * h * w`` of them, with the latent's aspect (UNet levels, DiT).
 
+    For a video input (``geometry.frames = F > 1``) the token axis is either one
+    frame (spatial attention, frames folded into the batch: a 2-D grid) or all
+    ``F`` frames (full 3-D attention: ``TokenGrid(h, w, frames=F)``). The token
+    count decides, among grids no larger than the latent; when both fit, the
+    layer is ambiguous and raises ``ValueError``: give it a
+    :class:`LayerSpec` with an explicit layout.
+
     Examples
     --------
     >>> ImageTokens().grid(12 * 4, Geometry(batch=1, height=24, width=8))
     TokenGrid(height=12, width=4, frames=1, prefix=0, suffix=0)
+    >>> ImageTokens().grid(3 * 4 * 6, Geometry(batch=1, height=4, width=6, frames=3))
+    TokenGrid(height=4, width=6, frames=3, prefix=0, suffix=0)
     """
 
     def grid(self, num_tokens: int, geometry: Geometry) -> TokenGrid:
-        return TokenGrid.infer(num_tokens, aspect=(geometry.height, geometry.width))
+        aspect = (geometry.height, geometry.width)
+        if geometry.frames == 1:
+            return TokenGrid.infer(num_tokens, aspect=aspect)
+        fits: dict[str, TokenGrid] = {}
+        errors = []
+        for kind, frames in (("3-D attention over all frames", geometry.frames), ("one frame", 1)):
+            try:
+                g = TokenGrid.infer(num_tokens, aspect=aspect, frames=frames)
+            except ValueError as exc:
+                errors.append(f"{kind}: {exc}")
+                continue
+            # Tokens of a video latent come from it by patchifying or downsampling.
+            if g.height <= geometry.height and g.width <= geometry.width:
+                fits[kind] = g
+            else:
+                errors.append(f"{kind}: {g} is larger than the latent")
+        if len(fits) == 1:
+            return next(iter(fits.values()))
+        if not fits:
+            raise ValueError(
+                f"no token grid fits {num_tokens} tokens of a {geometry.frames}-frame "
+                f"{geometry.height}x{geometry.width} latent ({'; '.join(errors)})"
+            )
+        raise ValueError(
+            f"{num_tokens} tokens of a {geometry.frames}-frame {geometry.height}x{geometry.width} "
+            f"latent fit both {fits['3-D attention over all frames']} and "
+            f"{fits['one frame']} (one frame); give this layer a LayerSpec whose layout says "
+            "which (e.g. a TokenLayout returning TokenGrid(h, w, frames=F))"
+        )
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,8 @@ class _Entry:
     layers: frozenset[str]
     model_calls: int = 0  # forward calls of the model seen by the context
     ran: set[str] = field(default_factory=set)  # selected layers that ran
+    patcher: AttentionPatcher | None = None
+    modules: frozenset[int] = frozenset()  # ids of the selected modules and their submodules
 
 
 @dataclass
@@ -83,6 +85,19 @@ class _ThreadState(threading.local):
         self.calls: list[_Call] = []
         self.modes: dict[str, list[_SDPAMode | None]] = {}
         self.pushed: list[_SDPAMode] = []
+        # attached() contexts of this thread: only then are its calls recorded, so another
+        # thread's detaching (removing hooks mid-call) cannot leave stale records here.
+        self.attached = 0
+
+
+class _Perturbed(threading.local):
+    """Every active perturbation of this thread, of any patcher (to refuse double perturbing)."""
+
+    def __init__(self) -> None:
+        self.entries: list[_Entry] = []
+
+
+_PERTURBED = _Perturbed()
 
 
 def _remove_mode(mode: TorchFunctionMode) -> None:
@@ -104,6 +119,9 @@ class _SDPAMode(TorchFunctionMode):
         super().__init__()
         self.patcher, self.name, self.entries = patcher, name, entries
         self.calls = 0
+        self.batch_rows = 0  # model rows covered so far by calls on chunks of the batch
+        self.folded_calls = 0  # calls whose axis 0 folds heads (or frames) into the batch
+        self.batch = 0  # the model call's batch, once a call was seen
 
     def __torch_function__(
         self,
@@ -120,7 +138,7 @@ class _SDPAMode(TorchFunctionMode):
             # keys in SD3/Flux joint attention) is cross-attention and stays untouched.
             if k.shape[-2] == q.shape[-2]:
                 self.calls += 1
-                return self.patcher._attend(self.name, self.entries, args, kwargs)
+                return self.patcher._attend(self, args, kwargs)
         return func(*args, **kwargs)
 
 
@@ -198,7 +216,12 @@ class AttentionPatcher:
     second call of the same module against other tokens (IP-Adapter image keys)
     is left alone. Attention rows are mapped to model rows
     by the integer ratio of their batch sizes (heads or frames folded into the
-    batch, model row major). A perturbed layer that runs without calling
+    batch, model row major); SDPA calls on groups of heads or on consecutive
+    chunks of the batch (4-D queries) are mapped per call, and calls on chunks of
+    a folded ``(batch·heads)`` axis, which cannot be told apart from separate
+    attentions, raise ``RuntimeError``. A selection naming a module and one
+    inside it, or another patcher already perturbing the same rows of the same
+    modules, raises ``ValueError``. A perturbed layer that runs without calling
     ``scaled_dot_product_attention`` raises ``RuntimeError``, and so does a
     context in which the model ran but none of its selected layers did: the
     perturbation never silently does nothing.
@@ -413,10 +436,13 @@ class AttentionPatcher:
             For an unsupported perturbation, bad rows, unknown layers or rows
             that overlap another active perturbation.
         """
+        self._check(perturbation, rows)  # bad arguments fail here, not at the first step
         return _SingleUse(self._perturb(perturbation, rows))
 
-    @contextmanager
-    def _perturb(self, perturbation: Perturbation, rows: Sequence[int]) -> Iterator[None]:
+    def _check(
+        self, perturbation: Perturbation, rows: Sequence[int]
+    ) -> tuple[tuple[int, ...], frozenset[str], frozenset[int]]:
+        """Checked ``(rows, layer names, ids of the modules they cover)`` of a perturbation."""
         handler = next((h for t, h in _HANDLERS.items() if isinstance(perturbation, t)), None)
         if handler is None and not isinstance(perturbation, QuerySmoothing | IdentityAttention):
             raise TypeError(
@@ -431,21 +457,40 @@ class AttentionPatcher:
         if len(set(checked)) != len(checked):
             raise ValueError(f"rows must not repeat, got {list(rows)}")
         layers = frozenset(self.resolve(perturbation.layers))
-        for other in self._local.active:
+        return checked, layers, self._check_nesting(layers)
+
+    @contextmanager
+    def _perturb(self, perturbation: Perturbation, rows: Sequence[int]) -> Iterator[None]:
+        checked, layers, modules = self._check(perturbation, rows)
+        for other in _PERTURBED.entries:
             shared = set(checked) & set(other.rows)
-            if shared and other.layers & layers:
+            if not other.modules & modules:
+                continue
+            if other.patcher is self and shared:
                 raise ValueError(
                     f"rows {sorted(shared)} are already perturbed by {other.perturbation} in the "
                     "same layers; active perturbations must use disjoint rows"
                 )
+            if (
+                other.patcher is not self
+                and other.patcher is not None
+                and (shared or other.patcher.model is not self.model)
+            ):
+                raise ValueError(
+                    f"another AttentionPatcher already perturbs the same attention modules "
+                    f"({sorted(other.layers)}) with {other.perturbation} for rows "
+                    f"{list(other.rows)}: the rows would be perturbed twice; use one patcher "
+                    "per model, with disjoint rows"
+                )
         if not checked or getattr(perturbation, "is_identity", False):
             yield  # nothing to do: sigma = 0 / weight = 0 is the plain model, bit for bit
             return
+        handler = next((h for t, h in _HANDLERS.items() if isinstance(perturbation, t)), None)
         if handler is not None:  # a perturbation outside the attention call
             with self.attached(), handler(self, perturbation, checked):
                 yield
             return
-        entry = _Entry(perturbation, checked, layers)
+        entry = _Entry(perturbation, checked, layers, patcher=self, modules=modules)
         local = self._local
         # Entered inside a model call (e.g. from a forward pre-hook): that call counts.
         entry.model_calls = 1 if local.calls else 0
@@ -453,6 +498,7 @@ class AttentionPatcher:
         failed = False
         with self.attached():
             local.active.append(entry)
+            _PERTURBED.entries.append(entry)
             try:
                 with self._lock:
                     for name in layers:
@@ -463,6 +509,7 @@ class AttentionPatcher:
                 raise
             finally:
                 local.active.remove(entry)
+                _PERTURBED.entries.remove(entry)
                 with self._lock:
                     for name in layers:
                         self._unhook_layer(name)
@@ -474,6 +521,18 @@ class AttentionPatcher:
                         f"inside perturb(), so {perturbation} had no effect; select layers on the "
                         "path the model takes"
                     )
+
+    def _check_nesting(self, layers: frozenset[str]) -> frozenset[int]:
+        """Ids of the selected modules and their submodules; raise if one holds another."""
+        inner = {name: {id(m) for m in self._modules[name].modules()} for name in layers}
+        for outer in sorted(layers):
+            for other in sorted(layers):
+                if other != outer and id(self._modules[other]) in inner[outer]:
+                    raise ValueError(
+                        f"the selection names both {outer!r} and {other!r}, which lies inside "
+                        "it: its attention would be perturbed twice; select one of them"
+                    )
+        return frozenset().union(*inner.values())
 
     def _drop_leftovers(self, pushed: int = 0, calls: int = 0) -> None:
         """Pop modes and call records that a ``BaseException`` left behind in this thread.
@@ -505,6 +564,7 @@ class AttentionPatcher:
         pre-hook of the model, as the diffusers pipeline wrapper does), since a
         hook added during a call runs only from the next call on.
         """
+        local = self._local
         with self._lock:
             if self._attached == 0:
                 self._root_handles = [
@@ -512,30 +572,36 @@ class AttentionPatcher:
                     self.model.register_forward_hook(self._root_post, always_call=True),
                 ]
             self._attached += 1
+            local.attached += 1
         try:
             yield
         finally:
             with self._lock:
                 self._attached -= 1
+                local.attached -= 1
                 if self._attached == 0:
                     for handle in self._root_handles:
                         handle.remove()
                     self._root_handles = []
-            if not self._local.active:
-                self._drop_leftovers(0, len(self._local.calls) if self._attached else 0)
+            if not local.active:
+                # Calls of this thread still running keep their records while it stays
+                # attached; once it is not, none of its records can be completed.
+                self._drop_leftovers(0, len(local.calls) if local.attached else 0)
 
     def _root_pre(
         self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
         local = self._local
+        if not local.attached:  # hooks installed by another thread: not this thread's business
+            return
         local.calls.append(_Call(args, kwargs, self._geometry_fn))
         for entry in local.active:
             entry.model_calls += 1
 
     def _root_post(self, module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        calls = self._local.calls
-        if calls:
-            calls.pop()
+        local = self._local
+        if local.attached and local.calls:
+            local.calls.pop()
 
     def _hook_layer(self, name: str) -> None:
         self._layer_refs[name] = self._layer_refs.get(name, 0) + 1
@@ -545,6 +611,8 @@ class AttentionPatcher:
 
         def pre(mod: torch.nn.Module, args: tuple[Any, ...]) -> None:
             local = self._local
+            if not local.attached:
+                return
             entries = [e for e in local.active if name in e.layers]
             mode = _SDPAMode(self, name, entries) if entries else None
             for entry in entries:
@@ -556,7 +624,7 @@ class AttentionPatcher:
 
         def post(mod: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
             local = self._local
-            stack = local.modes.get(name)
+            stack = local.modes.get(name) if local.attached else None
             if not stack:
                 return
             mode = stack.pop()
@@ -567,6 +635,14 @@ class AttentionPatcher:
             elif mode in local.pushed:
                 local.pushed.remove(mode)
             _remove_mode(mode)
+            if sys.exc_info()[0] is None and mode.batch_rows not in (0, mode.batch):
+                raise RuntimeError(
+                    f"attention layer {name!r}: its scaled_dot_product_attention calls had "
+                    f"{mode.batch_rows} rows in all, not a multiple of the model batch "
+                    f"{mode.batch} (chunks of the batch that do not cover it, or a geometry "
+                    "whose batch is not the model call's), so the perturbed rows cannot be "
+                    "mapped; run the attention unchunked"
+                )
             if mode.calls == 0 and sys.exc_info()[0] is None:  # no self-attention SDPA call
                 processor = getattr(getattr(mod, "processor", None), "__class__", None)
                 raise RuntimeError(
@@ -617,39 +693,88 @@ class AttentionPatcher:
         return call.grids[key], geometry
 
     def _attend(
-        self, name: str, entries: list[_Entry], args: tuple[Any, ...], kwargs: dict[str, Any]
+        self, mode: _SDPAMode, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> torch.Tensor:
+        name, entries = mode.name, mode.entries
         q, k, v, rest, rest_kwargs = _split_sdpa_args(args, kwargs)
         if q.ndim < 3:
             raise RuntimeError(
                 f"attention layer {name!r}: query of shape {tuple(q.shape)} has no batch axis"
             )
         grid, geometry = self._grid(name, q.shape[-2])
-        if q.shape[0] % geometry.batch:
-            raise RuntimeError(
-                f"attention layer {name!r}: attention batch {q.shape[0]} (query shape "
-                f"{tuple(q.shape)}) is not a multiple of the model batch {geometry.batch}, so its "
-                "rows cannot be mapped to the perturbed rows"
-            )
-        ratio = q.shape[0] // geometry.batch
+        offset, ratio = _row_map(mode, q, geometry)
 
-        def index(rows: tuple[int, ...]) -> torch.Tensor:
+        def index(rows: tuple[int, ...]) -> torch.Tensor | None:
             if max(rows) >= geometry.batch:
                 raise ValueError(
                     f"rows {list(rows)} out of range for a model call with batch {geometry.batch}"
                 )
+            local = [i - offset for i in rows if 0 <= i - offset < q.shape[0] // ratio]
+            if not local:
+                return None  # none of the rows is in this chunk of the batch
             return torch.tensor(
-                [i * ratio + j for i in rows for j in range(ratio)], device=q.device
+                [i * ratio + j for i in local for j in range(ratio)], device=q.device
             )
 
         # Per-row (and per-head) arithmetic of SEG / PAG lives in .heads.
         for entry in entries:
             p = entry.perturbation
             if isinstance(p, QuerySmoothing):
-                q = blur_query_rows(name, q, index(entry.rows), grid, p)
+                ix = index(entry.rows)
+                if ix is not None:
+                    q = blur_query_rows(name, q, ix, grid, p)
         out = _SDPA(q, k, v, *rest, **rest_kwargs)
         for entry in entries:
             p = entry.perturbation
             if isinstance(p, IdentityAttention):
-                out = identity_rows(name, out, q, v, index(entry.rows), grid, p)
+                ix = index(entry.rows)
+                if ix is not None:
+                    out = identity_rows(name, out, q, v, ix, grid, p)
         return out
+
+
+def _row_map(mode: _SDPAMode, q: torch.Tensor, geometry: Geometry) -> tuple[int, int]:
+    """``(offset, ratio)``: row ``j`` of the call's axis 0 is model row ``offset + j // ratio``.
+
+    Provable cases only, else ``RuntimeError``:
+
+    - the whole batch, axis 0 of size ``ratio * batch`` with heads (or frames) folded
+      in model-row-major order; a second such call of one layer's forward cannot be told
+      apart from chunks of that folded axis, so it raises;
+    - a 4-D ``(rows, heads, tokens, dim)`` query of an image model (``frames = 1``)
+      whose axis 0 is the batch: several calls of whole heads or consecutive chunks
+      of the batch (checked to cover it exactly when the layer returns).
+    """
+    batch, n = geometry.batch, q.shape[0]
+    mode.batch = batch
+    name = mode.name
+    if q.ndim == 4 and geometry.frames == 1 and (n < batch or (n == batch and mode.batch_rows)):
+        offset = mode.batch_rows
+        mode.batch_rows += n
+        if mode.batch_rows > batch or mode.folded_calls:
+            raise RuntimeError(
+                f"attention layer {name!r}: its scaled_dot_product_attention calls on chunks "
+                f"of the batch cover more than its {batch} rows, so the perturbed rows cannot "
+                "be mapped; run the attention unchunked"
+            )
+        return offset, 1
+    if n % batch or mode.batch_rows:
+        raise RuntimeError(
+            f"attention layer {name!r}: attention batch {n} (query shape {tuple(q.shape)}) is "
+            f"not a multiple of the model batch {batch}: the layer calls "
+            "scaled_dot_product_attention on chunks of its batch (or batch x heads) axis, so "
+            "its rows cannot be mapped to the perturbed rows; run the attention unchunked"
+        )
+    ratio = n // batch
+    if q.ndim == 4 and ratio == 1:
+        return 0, 1  # heads on axis 1: calls on groups of heads map row for row
+    mode.folded_calls += 1
+    if mode.folded_calls > 1:
+        raise RuntimeError(
+            f"attention layer {name!r} made several scaled_dot_product_attention calls with "
+            f"{n} rows of {q.shape[-2]} tokens in one forward: chunks of a folded "
+            "(batch x heads) axis and separate attentions look the same, so the perturbed "
+            "rows cannot be mapped; run the attention unchunked, or select the inner "
+            "attention modules"
+        )
+    return 0, ratio
