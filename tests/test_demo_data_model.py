@@ -129,6 +129,7 @@ def _identity_forward(self: Attention, x: torch.Tensor) -> torch.Tensor:
     return self.to_out(self.to_v(x))
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize(
     ("perturbation", "reference"),
     [(QuerySmoothing(math.inf), _mean_query_forward), (IdentityAttention(), _identity_forward)],

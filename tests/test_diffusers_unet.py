@@ -181,6 +181,7 @@ def test_sigma_inf_equals_an_independent_mean_query_forward(layers: Any) -> None
     assert (out[2] - out[1]).abs().max() > 1e-3  # SEG prediction differs from the conditional
 
 
+@pytest.mark.numerics
 def test_pag_equals_an_independent_identity_attention_forward() -> None:
     unet = tiny_unet()
     x, t, ehs = inputs(24, 8)
@@ -201,6 +202,7 @@ def test_pag_equals_an_independent_identity_attention_forward() -> None:
     assert (out[1] - plain[1]).abs().max() > 1e-3
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize(("h", "w"), [(8, 16), (24, 8)])
 def test_nonsquare_grids_wide_kernel_and_captured_queries(h: int, w: int) -> None:
     """Every attn1's blurred query is smooth_queries of its raw one on the (h/2^l, w/2^l) grid."""

@@ -26,6 +26,8 @@ from smoothguide import (
 )
 from tolerance import EPS32, assert_close, eps_of
 
+pytestmark = pytest.mark.numerics  # run under several CPU kernels: nox -s tests-kernels
+
 FIXTURE_OK = settings(
     deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=15
 )

@@ -215,6 +215,7 @@ axis_sigma = st.one_of(
 any_sigma = st.one_of(axis_sigma, st.tuples(axis_sigma, axis_sigma), st.tuples(*[axis_sigma] * 3))
 
 
+@pytest.mark.numerics
 @failure_mode(
     "hypothesis: random grids (1xN, Nx1, video, prefix/suffix text tokens), sigma "
     "(0, tiny, huge kernel radius >= grid, inf, per-axis tuples), every mode, radius, empty "
@@ -371,6 +372,7 @@ def test_large_logits_energy_and_attention_are_stable(axis: str) -> None:
     np.testing.assert_allclose(out.sum(-1), 1.0, rtol=1e-12)
 
 
+@pytest.mark.numerics
 @failure_mode(
     "float16 / bfloat16 queries and keys in the attention energy",
     "logits and log-sum-exp in float32, result in the input dtype: within 2 eps(dtype) "
@@ -389,6 +391,7 @@ def test_half_precision_energy_vs_float64(dtype: torch.dtype, axis: str) -> None
     assert rel.max() <= 2 * torch.finfo(dtype).eps
 
 
+@pytest.mark.numerics
 @failure_mode(
     "hypothesis: attention energy for random q, k (values up to 1e3, logits up to ~1e7), any "
     "scale, empty batch",

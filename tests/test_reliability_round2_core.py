@@ -174,3 +174,48 @@ def test_seg_under_inference_mode_then_autograd_on_the_demo_model() -> None:
         guided(x, s, class_labels=labels)
     assert axis_blur_matrix.cache_info().currsize > 0  # the inference-mode call filled it
     assert torch.equal(grad(), reference)
+
+
+# -- rules refuse branch outputs of different shapes -----------------------------------------
+
+
+def _rules() -> list[object]:
+    from smoothguide.rules import APG, CFG, PAG, SEG, Compose, Rescale
+
+    return [
+        pytest.param(CFG(3.0), id="CFG"),
+        pytest.param(SEG(2.0, sigma=1.0), id="SEG"),
+        pytest.param(SEG(2.0, sigma=1.0, cfg_scale=4.0), id="SEG+CFG"),
+        pytest.param(SEG(3.0, sigma=1.0, convention="paper", cfg_scale=4.0), id="SEG-paper-Eq10"),
+        pytest.param(PAG(2.0, cfg_scale=3.0), id="PAG+CFG"),
+        pytest.param(APG(4.0, eta=0.5, momentum=0.3), id="APG"),
+        pytest.param(Compose(CFG(3.0), Rescale(0.7)), id="CFG+Rescale"),
+        pytest.param(Compose(CFG(3.0), SEG(2.0, sigma=INF), PAG(1.0)), id="Compose"),
+    ]
+
+
+@failure_mode(
+    "branch outputs of different shapes handed to a rule (x_c of shape (2, 1) with x_u of "
+    "(2, 4), or a perturbed branch of another shape), every rule and Compose",
+    "ValueError naming the rule, each branch and its shape; never a broadcast result",
+)
+@pytest.mark.parametrize("rule", _rules())
+def test_rules_refuse_branch_outputs_of_different_shapes(rule: object) -> None:
+    from smoothguide.rules import StepContext
+
+    ctx = StepContext(1.0)
+    needed = rule.branches(ctx)  # type: ignore[attr-defined]
+    assert len(needed) >= 2
+    rng = np.random.default_rng(0)
+    good = {b: rng.normal(size=(2, 4)) for b in needed}
+    out, _ = rule.combine(good, ctx)  # type: ignore[attr-defined]
+    assert out.shape == (2, 4)
+    for odd in needed:
+        outputs = dict(good)
+        outputs[odd] = rng.normal(size=(2, 1))
+        with pytest.raises(ValueError, match="one shape") as info:
+            rule.combine(outputs, ctx)  # type: ignore[attr-defined]
+        msg = str(info.value)
+        assert "(2, 1)" in msg
+        assert "(2, 4)" in msg
+        assert repr(odd.conditioning) in msg

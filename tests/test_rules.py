@@ -84,6 +84,7 @@ def combine(
 # -- each rule equals its formula ------------------------------------------------------------
 
 
+@pytest.mark.numerics
 @FAST
 @given(shape=shapes, w=scales, seed=seeds)
 def test_cfg_formula(backend: Any, shape: tuple[int, ...], w: float, seed: int) -> None:
@@ -93,6 +94,7 @@ def test_cfg_formula(backend: Any, shape: tuple[int, ...], w: float, seed: int) 
     assert state is None
 
 
+@pytest.mark.numerics
 @FAST
 @given(
     shape=shapes,
@@ -177,6 +179,7 @@ def test_pag_formula(backend: Any, shape: tuple[int, ...], s: float, w: float, s
     np.testing.assert_allclose(out, x_u + w * (x_c - x_u) + s * (x_c - x_p), **tol(backend, *terms))
 
 
+@pytest.mark.numerics
 @FAST
 @given(
     shape=shapes.filter(lambda s: math.prod(s[1:]) >= 2),
@@ -219,6 +222,7 @@ def apg_by_hand(
     return out, (new_m if beta != 0.0 else None)
 
 
+@pytest.mark.numerics
 @FAST
 @given(
     shape=shapes,

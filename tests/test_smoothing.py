@@ -15,6 +15,8 @@ from smoothguide import TokenGrid, blur_matrix, default_radius, gaussian_kernel1
 from smoothguide.smoothing import MODES
 from tolerance import EPS32, assert_close, eps_of
 
+pytestmark = pytest.mark.numerics  # run under several CPU kernels: nox -s tests-kernels
+
 FIXTURE_OK = settings(
     deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=25
 )

@@ -107,6 +107,7 @@ def test_sigma_zero_and_empty_rows_are_exact_identity(net: Net) -> None:
         assert torch.equal(net(img), ref)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize(("h", "w"), [(8, 16), (24, 8)])
 def test_blurred_queries_equal_smooth_queries_of_raw_queries(net: Net, h: int, w: int) -> None:
     """The query entering SDPA in the perturbed rows is smooth_queries of the unperturbed one."""
@@ -248,6 +249,7 @@ def test_joint_tokens_leave_text_queries_alone() -> None:
     assert_close(q_seen[0, :, 5:], mean.expand(-1, 24, -1), ops=64, magnitude=q_raw[0, :, 5:])
 
 
+@pytest.mark.numerics
 def test_demo_model_by_class_and_exact_names() -> None:
     demo = pytest.importorskip("smoothguide.demo.model")
     net = demo.DemoDiT(demo.DiTConfig(hidden=32, depth=2, heads=2)).eval()
@@ -267,6 +269,7 @@ def test_demo_model_by_class_and_exact_names() -> None:
     assert not torch.allclose(out[1], ref[1])
 
 
+@pytest.mark.numerics
 def test_guided_denoiser_batched_equals_separate_calls_on_the_demo_model() -> None:
     """The Perturber contract end to end: one batched call == one call per branch."""
     demo = pytest.importorskip("smoothguide.demo.model")

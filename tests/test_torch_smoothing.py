@@ -16,6 +16,8 @@ from smoothguide.torch import smooth_queries  # noqa: E402
 from smoothguide.torch.smoothing import axis_blur_matrix  # noqa: E402
 from tolerance import assert_close  # noqa: E402
 
+pytestmark = pytest.mark.numerics  # run under several CPU kernels: nox -s tests-kernels
+
 GRIDS = [TokenGrid(8, 16), TokenGrid(24, 8, prefix=3, suffix=2), TokenGrid(5, 7, frames=3)]
 SIGMAS = [0.0, 0.7, 3.0, 10.0, math.inf, (1.0, math.inf), (math.inf, 0.5, 2.0)]
 

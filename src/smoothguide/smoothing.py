@@ -296,7 +296,8 @@ def _all_finite(xp: Any, x: Array) -> bool:
     try:
         # A sum is non-finite iff an entry is (or it overflows: then the exact path
         # runs needlessly); much cheaper than a boolean array and its reduction.
-        return bool(xp.isfinite(xp.sum(x)))
+        with np.errstate(over="ignore", invalid="ignore"):  # inf - inf, overflow: the answer
+            return bool(xp.isfinite(xp.sum(x)))
     except TypeError:  # a tracer's truth value (jax ConcretizationTypeError is a TypeError)
         return False
 
