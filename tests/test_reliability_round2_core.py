@@ -137,8 +137,9 @@ def test_inference_mode_call_does_not_poison_the_blur_cache_for_autograd(method:
     assert q.grad is not None
     b = kron_blur(grid, sigma, "reflect")
     assert_close(q.grad, np.einsum("ji,bjd->bid", b, c.double().numpy()), magnitude=c)
-    assert_close(out.detach(), np.einsum("ij,bjd->bid", b, q.detach().double().numpy()),
-                 magnitude=q.detach())  # fmt: skip
+    assert_close(
+        out.detach(), np.einsum("ij,bjd->bid", b, q.detach().double().numpy()), magnitude=q.detach()
+    )
 
 
 @failure_mode(
@@ -219,3 +220,241 @@ def test_rules_refuse_branch_outputs_of_different_shapes(rule: object) -> None:
         assert "(2, 1)" in msg
         assert "(2, 4)" in msg
         assert repr(odd.conditioning) in msg
+
+
+# -- sigma too large for a float kernel size: the same named ValueError ------------------------
+
+
+HUGE = [1e300, 3e307, 1e308, 1.7976931348623157e308]
+
+
+def _huge_entry_points() -> list[object]:
+    from smoothguide import blur_matrix, default_radius, gaussian_kernel1d
+    from smoothguide.perturbations import QuerySmoothing
+    from smoothguide.rules import SEG
+
+    grid = TokenGrid(2, 3)
+    return [
+        pytest.param(default_radius, id="default_radius"),
+        pytest.param(gaussian_kernel1d, id="gaussian_kernel1d"),
+        pytest.param(lambda s: blur_matrix(4, s), id="blur_matrix"),
+        pytest.param(lambda s: smooth_queries(np.ones((6, 2)), grid, s), id="smooth_queries"),
+        pytest.param(lambda s: smooth_queries(np.ones((6, 2)), grid, (0.0, s)), id="per-axis"),
+        pytest.param(lambda s: sgt.smooth_queries(torch.ones(6, 2), grid, s), id="torch"),
+        pytest.param(QuerySmoothing, id="QuerySmoothing"),
+        pytest.param(lambda s: SEG(3.0, sigma=(1.0, s)), id="SEG"),
+    ]
+
+
+@failure_mode(
+    "sigma >= ~3e307 (6 sigma overflows to inf) in default_radius, gaussian_kernel1d, "
+    "blur_matrix, smooth_queries (core, torch), QuerySmoothing, SEG",
+    "the same ValueError as for sigma = 1e300, naming sigma and pointing to sigma=math.inf; "
+    "never OverflowError",
+)
+@pytest.mark.parametrize("entry", _huge_entry_points())
+@pytest.mark.parametrize("sigma", HUGE)
+def test_huge_sigma_is_a_named_value_error(entry: object, sigma: float) -> None:
+    with pytest.raises(ValueError, match=r"sigma.*math\.inf"):
+        entry(sigma)  # type: ignore[operator]
+
+
+@failure_mode(
+    "smoothguide energy --sigmas 1e308 (and 3e307)",
+    "a usage error (exit 2) with one error line naming sigma and math.inf; no traceback",
+)
+@pytest.mark.parametrize("sigma", ["3e307", "1e308"])
+def test_energy_command_refuses_huge_sigma_without_traceback(
+    sigma: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from smoothguide.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["energy", "--sigmas", sigma])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [ln for ln in err.splitlines() if "error:" in ln]
+    assert len(errors) == 1
+    assert "sigma" in errors[0]
+    assert "math.inf" in errors[0]
+
+
+# -- NumPy scalars are accepted wherever a Python number is --------------------------------------
+
+
+def _same(a: object, b: object) -> None:
+    """Equal results, bit for bit (the NumPy scalars below hold exactly the Python values)."""
+    if isinstance(a, tuple | list):
+        assert isinstance(b, tuple | list)
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            _same(x, y)
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)  # type: ignore[arg-type]
+    elif isinstance(a, np.ndarray):
+        np.testing.assert_array_equal(a, b)  # type: ignore[arg-type]
+        assert a.dtype == b.dtype  # type: ignore[union-attr]
+    else:
+        assert a == b
+        assert type(a) is type(b)  # stored as Python numbers, whatever came in
+
+
+def _scalar_cases() -> list[object]:
+    """(name, call(f, i)): ``f`` makes a real number, ``i`` an integer, of one kind."""
+    from smoothguide import (
+        attention,
+        attention_energy,
+        attention_logits,
+        blur_matrix,
+        default_radius,
+        gaussian_kernel1d,
+    )
+    from smoothguide.perturbations import QuerySmoothing
+    from smoothguide.rules import (
+        APG,
+        CFG,
+        COND,
+        PAG,
+        SEG,
+        UNCOND,
+        Compose,
+        Constant,
+        CosineRamp,
+        Interval,
+        LinearRamp,
+        Rescale,
+        StepContext,
+    )
+    from smoothguide.sampling import karras_sigmas, sample_ddim
+
+    rng = np.random.default_rng(0)
+    q, k, v = rng.normal(size=(6, 4)), rng.normal(size=(5, 4)), rng.normal(size=(5, 2))
+    grid = TokenGrid(2, 3)
+    outs = {COND: rng.normal(size=(2, 3)), UNCOND: rng.normal(size=(2, 3))}
+
+    def rule_out(rule: object, f: object, i: object) -> object:
+        ctx = StepContext(f(1.5), step=i(1), num_steps=i(3))  # type: ignore[operator]
+        branches = rule.branches(ctx)  # type: ignore[attr-defined]
+        given = {b: outs.get(b, outs[COND] * 0.5) for b in branches}
+        return rule.combine(given, ctx)[0], rule  # type: ignore[attr-defined]
+
+    def schedule(s: object, f: object, i: object) -> object:
+        ctxs = [StepContext(x, step=j, num_steps=4) for j, x in enumerate((8.0, 4.0, 2.0, 1.0))]
+        return [s(c) for c in ctxs], s  # type: ignore[operator]
+
+    return [
+        ("attention_energy", lambda f, i: attention_energy(q, k, scale=f(0.5))),
+        ("attention_logits", lambda f, i: attention_logits(q, k, scale=f(0.25))),
+        ("attention", lambda f, i: attention(q, k, v, scale=f(0.5))),
+        ("default_radius", lambda f, i: default_radius(f(2.5))),
+        ("gaussian_kernel1d", lambda f, i: gaussian_kernel1d(f(1.5), radius=i(3))),
+        ("blur_matrix", lambda f, i: blur_matrix(i(5), f(1.5), radius=i(2))),
+        ("smooth_queries", lambda f, i: smooth_queries(q, grid, f(1.5), radius=i(2))),
+        ("smooth_queries-tuple", lambda f, i: smooth_queries(q, grid, (f(0.5), f(2.0)))),
+        (
+            "torch.smooth_queries",
+            lambda f, i: sgt.smooth_queries(torch.from_numpy(q), grid, f(1.5), radius=i(2)),
+        ),
+        ("TokenGrid", lambda f, i: TokenGrid(i(2), i(3), frames=i(1), prefix=i(1), suffix=i(0))),
+        ("TokenGrid.infer", lambda f, i: TokenGrid.infer(i(24), aspect=(i(2), i(3)))),
+        ("QuerySmoothing", lambda f, i: QuerySmoothing(f(1.5), radius=i(3))),
+        ("QuerySmoothing-tuple", lambda f, i: QuerySmoothing((f(0.5), f(2.0)), radius=i(2))),
+        ("StepContext", lambda f, i: StepContext(f(1.5), step=i(1), num_steps=i(3))),
+        ("CFG", lambda f, i: rule_out(CFG(f(3.0)), f, i)),
+        (
+            "SEG",
+            lambda f, i: rule_out(SEG(f(2.0), sigma=f(1.5), cfg_scale=f(3.0), radius=i(3)), f, i),
+        ),
+        (
+            "SEG-paper",
+            lambda f, i: rule_out(SEG(f(2.0), sigma=(f(1.0), f(0.5)), convention="paper"), f, i),
+        ),
+        ("PAG", lambda f, i: rule_out(PAG(f(2.0), cfg_scale=f(1.5)), f, i)),
+        (
+            "APG",
+            lambda f, i: rule_out(
+                APG(f(4.0), eta=f(0.5), norm_threshold=f(2.0), momentum=f(-0.5)), f, i
+            ),
+        ),
+        ("Rescale", lambda f, i: rule_out(Compose(CFG(f(3.0)), Rescale(f(0.75))), f, i)),
+        ("Constant", lambda f, i: schedule(Constant(f(0.5)), f, i)),
+        ("Interval-sigma", lambda f, i: schedule(Interval(f(1.0), f(4.0)), f, i)),
+        ("Interval-inf", lambda f, i: schedule(Interval(f(2.0), f(math.inf)), f, i)),
+        (
+            "Interval-progress",
+            lambda f, i: schedule(Interval(f(0.25), f(0.75), on="progress"), f, i),
+        ),
+        ("LinearRamp", lambda f, i: schedule(LinearRamp(f(2.0), f(0.0), lo=f(0.25)), f, i)),
+        (
+            "CosineRamp",
+            lambda f, i: schedule(
+                CosineRamp(f(1.0), f(3.0), lo=f(1.0), hi=f(8.0), on="sigma"), f, i
+            ),
+        ),
+        (
+            "CFG-scheduled",
+            lambda f, i: rule_out(CFG(f(3.0), schedule=Interval(f(1.0), f(2.0))), f, i),
+        ),
+        ("karras_sigmas", lambda f, i: karras_sigmas(i(4), f(0.5), f(8.0), rho=f(7.0))),
+        (
+            "sample_ddim",
+            lambda f, i: sample_ddim(
+                lambda x, s: x * 0.5,
+                np.ones((1, 2)),
+                [f(2.0), f(1.0), f(0.0)],
+                eta=f(0.5),
+                seed=i(3),
+                progress=False,
+            ),
+        ),
+    ]
+
+
+NUMPY_KINDS = [
+    pytest.param(np.float64, np.int64, id="float64-int64"),
+    pytest.param(np.float32, np.int32, id="float32-int32"),
+    pytest.param(np.float16, np.int16, id="float16-int16"),
+    pytest.param(np.float32, np.uint8, id="float32-uint8"),
+]
+
+
+@failure_mode(
+    "NumPy scalars (np.float16/32/64, np.int16/32/64, np.uint8) for every number of the "
+    "public API: scales of energy and every rule, sigma and radius (core, torch, "
+    "QuerySmoothing, SEG), grid sizes, schedule bounds, step contexts, sampler arguments",
+    "accepted and stored as Python numbers: the same result, bit for bit, as the Python number",
+)
+@pytest.mark.parametrize(("fkind", "ikind"), NUMPY_KINDS)
+@pytest.mark.parametrize(
+    ("name", "call"), _scalar_cases(), ids=lambda v: v if isinstance(v, str) else ""
+)
+def test_numpy_scalars_are_accepted_like_python_numbers(
+    name: str, call: object, fkind: type, ikind: type
+) -> None:
+    reference = call(float, int)  # type: ignore[operator]
+    _same(reference, call(lambda x: fkind(x), lambda n: ikind(n)))  # type: ignore[operator]
+
+
+@failure_mode(
+    "blur_matrix(..., xp=torch, dtype=torch.float32): the framework module itself as xp",
+    "the same matrix as with xp=array_api_compat.torch (no AttributeError), also xp=numpy",
+)
+def test_blur_matrix_takes_the_framework_module_as_xp() -> None:
+    import array_api_compat.numpy as cnp
+    import array_api_compat.torch as ctorch
+
+    from smoothguide import blur_matrix
+
+    m = blur_matrix(5, 1.5, xp=torch, dtype=torch.float32)
+    assert isinstance(m, torch.Tensor)
+    assert torch.equal(m, blur_matrix(5, 1.5, xp=ctorch, dtype=torch.float32))
+    assert torch.equal(
+        m,
+        torch.from_numpy(
+            gaussian_filter1d(np.eye(5), 1.5, axis=0, mode="reflect", radius=official_radius(1.5))
+        ).float(),
+    )
+    np.testing.assert_array_equal(
+        blur_matrix(5, 1.5, xp=np, dtype=np.float32), blur_matrix(5, 1.5, xp=cnp, dtype=np.float32)
+    )

@@ -13,7 +13,15 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 
-from ._array import Array, as_backend, compute_dtype, device_of, namespace, require_floating
+from ._array import (
+    Array,
+    as_backend,
+    compat_namespace,
+    compute_dtype,
+    device_of,
+    namespace,
+    require_floating,
+)
 from .grid import TokenGrid
 
 __all__ = [
@@ -93,6 +101,11 @@ def default_radius(sigma: float) -> int:
     sigma = _check_scalar_sigma(sigma)
     if math.isinf(sigma):
         raise ValueError("sigma must be finite for a kernel radius; sigma=inf is the exact mean")
+    # Compare before ceil: 6 sigma overflows to inf from sigma ~ 3e307 (OverflowError).
+    if 6 * sigma > 2 * MAX_RADIUS + 1:
+        raise ValueError(
+            f"sigma={sigma} needs a kernel radius above {MAX_RADIUS}; use sigma=math.inf"
+        )
     c = math.ceil(6 * sigma)
     radius = (c + 1 - c % 2) // 2
     if radius > MAX_RADIUS:
@@ -264,6 +277,7 @@ def blur_matrix(
         if dtype is not None and np.dtype(dtype).kind != "f":
             raise TypeError(f"dtype must be a real floating dtype, got {np.dtype(dtype)}")
         return m.copy() if dtype is None else m.astype(dtype)
+    xp = compat_namespace(xp)  # xp=torch (the module itself) lacks isdtype
     if dtype is not None and not xp.isdtype(dtype, "real floating"):
         raise TypeError(f"dtype must be a real floating dtype, got {dtype}")
     return as_backend(m, xp, dtype=xp.float64 if dtype is None else dtype, device=device)
@@ -302,9 +316,7 @@ def _all_finite(xp: Any, x: Array) -> bool:
         return False
 
 
-def _blur_nonfinite(
-    xp: Any, x: Array, axis: int, m: Array, support: Array
-) -> Array:
+def _blur_nonfinite(xp: Any, x: Array, axis: int, m: Array, support: Array) -> Array:
     """``M @ x`` along ``axis`` with SciPy's treatment of NaN and ±inf entries.
 
     The dense product would spread a NaN over the whole axis (``0 * NaN = NaN``);

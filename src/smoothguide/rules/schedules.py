@@ -16,6 +16,7 @@ Schedules read a :class:`~smoothguide.rules.StepContext` on one of two axes:
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
@@ -81,7 +82,7 @@ def _check_bounds(lo: object, hi: object, on: str, *, strict: bool) -> tuple[flo
     """Validate ``0 <= lo <= hi`` (``<`` if ``strict``); ``hi = inf`` only for σ intervals."""
     lo_f = check_scale(lo, "lo")
     inf_ok = on == "sigma" and not strict
-    if inf_ok and isinstance(hi, float) and hi == math.inf:
+    if inf_ok and isinstance(hi, numbers.Real) and not isinstance(hi, bool) and hi == math.inf:
         hi_f = math.inf
     else:
         hi_f = check_scale(hi, "hi")
