@@ -458,3 +458,28 @@ def test_blur_matrix_takes_the_framework_module_as_xp() -> None:
     np.testing.assert_array_equal(
         blur_matrix(5, 1.5, xp=np, dtype=np.float32), blur_matrix(5, 1.5, xp=cnp, dtype=np.float32)
     )
+
+
+# -- the tests-kernels runs really run the kernels they name ------------------------------------
+
+
+@failure_mode(
+    "the numerics tests run under ATEN_CPU_CAPABILITY=default / avx2 (nox -s tests-kernels)",
+    "torch reports that capability, so the run exercises those kernels (not the CPU's best)",
+)
+@pytest.mark.numerics
+def test_requested_cpu_capability_is_the_one_torch_uses() -> None:
+    import os
+    import subprocess
+    import sys
+
+    wanted = os.environ.get("ATEN_CPU_CAPABILITY")
+    if wanted:  # inside a tests-kernels run: this process
+        assert torch.backends.cpu.get_cpu_capability().lower() == wanted.lower()
+    # and the mechanism itself, in a fresh interpreter
+    code = "import torch; print(torch.backends.cpu.get_cpu_capability())"
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip().lower() == "default"
