@@ -483,3 +483,71 @@ def test_requested_cpu_capability_is_the_one_torch_uses() -> None:
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip().lower() == "default"
+
+
+# -- a perturbation that changes nothing skips its branch ---------------------------------------
+
+
+@failure_mode(
+    "SEG whose kernel is a single tap (sigma <= 1/6 with the default radius, or radius=0), "
+    "alone and with CFG, scalar and per-axis sigma",
+    "neutral like sigma = 0: QuerySmoothing.is_identity, no blurred branch is evaluated (one "
+    "forward of the batch), and the result equals the unguided / CFG prediction bit for bit",
+)
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"sigma": 0.1},
+        {"sigma": 0.16},
+        {"sigma": 2.0, "radius": 0},
+        {"sigma": (0.0, 0.15)},
+        {"sigma": (0.1, 1.5), "radius": 0},
+        {"sigma": (0.0, 0.1, 0.1)},
+    ],
+    ids=repr,
+)
+@pytest.mark.parametrize("cfg", [1.0, 4.0])
+def test_single_tap_smoothing_is_neutral_and_skips_its_branch(kw: dict, cfg: float) -> None:
+    import array_api_compat.numpy as xnp
+
+    from smoothguide.perturbations import QuerySmoothing
+    from smoothguide.rules import CFG, SEG, StepContext
+    from smoothguide.sampling import GuidedDenoiser
+    from toy_model import ToyAttentionDenoiser
+
+    p = QuerySmoothing(kw["sigma"], radius=kw.get("radius"))
+    assert p.is_identity
+    # Independent check that it is an identity: SciPy's filter with that kernel.
+    q = np.random.default_rng(1).normal(size=(20, 3))
+    sig = kw["sigma"] if isinstance(kw["sigma"], tuple) else (kw["sigma"], kw["sigma"])
+    r = kw.get("radius")
+    ref = q.reshape(4, 5, 3)
+    for axis, s in zip((0, 1), sig[-2:], strict=True):
+        if s:
+            ref = gaussian_filter1d(
+                ref, s, axis=axis, radius=official_radius(s) if r is None else r
+            )
+    np.testing.assert_array_equal(ref.reshape(20, 3), q)
+
+    b, labels, null = 2, np.array([0, 2]), np.array([3])
+    model = ToyAttentionDenoiser(xnp, 4, 5, seed=0)
+    x = np.random.default_rng(2).normal(size=(b, 2, 4, 5))
+    expected = GuidedDenoiser(model, CFG(cfg), uncond={"class_labels": null})(
+        x, 1.0, class_labels=labels
+    )
+    model.calls.clear()
+    rule = SEG(3.0, cfg_scale=cfg, **kw)
+    assert rule.branches(StepContext(1.0)) == CFG(cfg).branches(StepContext(1.0))
+    out = GuidedDenoiser(model, rule, uncond={"class_labels": null})(x, 1.0, class_labels=labels)
+    assert model.calls == [b if cfg == 1.0 else 2 * b]  # no blurred rows at all
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_two_taps_are_not_neutral() -> None:
+    """The boundary: sigma just above 1/6 has radius 1 and is a real perturbation."""
+    from smoothguide.perturbations import QuerySmoothing
+
+    assert not QuerySmoothing(0.17).is_identity
+    assert not QuerySmoothing(0.1, radius=1).is_identity
+    assert not QuerySmoothing(math.inf, radius=0).is_identity  # the mean ignores radius
+    assert not QuerySmoothing((0.1, 0.5)).is_identity
