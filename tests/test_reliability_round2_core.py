@@ -551,3 +551,56 @@ def test_two_taps_are_not_neutral() -> None:
     assert not QuerySmoothing(0.1, radius=1).is_identity
     assert not QuerySmoothing(math.inf, radius=0).is_identity  # the mean ignores radius
     assert not QuerySmoothing((0.1, 0.5)).is_identity
+
+
+# -- Interval(on="diffusers") is diffusers' guider start / stop exactly ----------------------------
+
+
+@failure_mode(
+    "Interval on diffusers' guider start / stop convention, for N = 1..30 steps and "
+    "many start / stop values (including 0, 1 and values whose products round)",
+    "Interval(start, stop, on='diffusers') is on exactly at the steps where diffusers' own "
+    "ClassifierFreeGuidance(start=, stop=) enables CFG "
+    "(int(start N) <= step < int(stop N)); CFG with that schedule needs the same branches",
+)
+def test_diffusers_interval_matches_the_diffusers_guider() -> None:
+    guiders = pytest.importorskip("diffusers.guiders")
+    from smoothguide.rules import CFG, Interval, StepContext
+
+    values = [0.0, 0.1, 0.25, 1 / 3, 0.5, 0.7, 0.9, 1.0]
+    checked = differs = 0
+    for start in values[:-1]:  # diffusers: 0 <= start < 1, start <= stop <= 1
+        for stop in [v for v in values if v >= start]:
+            guider = guiders.ClassifierFreeGuidance(
+                guidance_scale=5.0, start=start, stop=stop
+            )
+            ours = Interval(start, stop, on="diffusers")
+            progress = Interval(start, stop, on="progress")
+            rule = CFG(5.0, schedule=ours)
+            for n in range(1, 31):
+                for step in range(n):
+                    guider.set_state(step, n, None)
+                    ctx = StepContext(1.0, step=step, num_steps=n)
+                    enabled = guider._is_cfg_enabled()
+                    assert (ours(ctx) == 1.0) == enabled, (start, stop, n, step)
+                    if step < 2 or step == n - 1:  # the rule sees the same (cheaper: a few)
+                        assert len(rule.branches(ctx)) == guider.num_conditions
+                    differs += (progress(ctx) == 1.0) != enabled
+                    checked += 1
+    assert checked > 10_000
+    assert differs > 0  # the closed progress interval is another convention
+
+
+def test_progress_and_diffusers_conventions_differ_as_documented() -> None:
+    """N = 25, stop = 0.5: diffusers guides steps 0..11 (12), the closed progress one 0..12."""
+    from smoothguide.rules import Interval, StepContext
+
+    ctxs = [StepContext(1.0, step=i, num_steps=25) for i in range(25)]
+    assert sum(Interval(0.0, 0.5, on="diffusers")(c) for c in ctxs) == 12
+    assert sum(Interval(0.0, 0.5, on="progress")(c) for c in ctxs) == 13
+    with pytest.raises(ValueError, match="on='diffusers' needs the step index"):
+        Interval(0.0, 0.5, on="diffusers")(StepContext(1.0))
+    with pytest.raises(ValueError, match="hi must be <= 1"):
+        Interval(0.0, 1.5, on="diffusers")
+    with pytest.raises(ValueError, match="on must be one of"):
+        Interval(0.0, 0.5, on="steps")  # type: ignore[arg-type]
