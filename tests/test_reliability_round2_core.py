@@ -571,9 +571,7 @@ def test_diffusers_interval_matches_the_diffusers_guider() -> None:
     checked = differs = 0
     for start in values[:-1]:  # diffusers: 0 <= start < 1, start <= stop <= 1
         for stop in [v for v in values if v >= start]:
-            guider = guiders.ClassifierFreeGuidance(
-                guidance_scale=5.0, start=start, stop=stop
-            )
+            guider = guiders.ClassifierFreeGuidance(guidance_scale=5.0, start=start, stop=stop)
             ours = Interval(start, stop, on="diffusers")
             progress = Interval(start, stop, on="progress")
             rule = CFG(5.0, schedule=ours)
@@ -604,3 +602,58 @@ def test_progress_and_diffusers_conventions_differ_as_documented() -> None:
         Interval(0.0, 1.5, on="diffusers")
     with pytest.raises(ValueError, match="on must be one of"):
         Interval(0.0, 0.5, on="steps")  # type: ignore[arg-type]
+
+
+# -- constructors refuse what could only fail later, inside the model -----------------------------
+
+
+def _bad_constructions() -> list[object]:
+    from smoothguide.perturbations import QuerySmoothing
+    from smoothguide.rules import APG, PAG, SEG, CosineRamp, Interval, LinearRamp, Rescale
+
+    nan = math.nan
+    cases = [
+        ("QuerySmoothing", lambda: QuerySmoothing(-1.0), "sigma"),
+        ("QuerySmoothing", lambda: QuerySmoothing(nan), "sigma"),
+        ("QuerySmoothing", lambda: QuerySmoothing((1.0, -2.0)), r"sigma\[1\]"),
+        ("QuerySmoothing", lambda: QuerySmoothing(1e300), "sigma"),
+        ("QuerySmoothing", lambda: QuerySmoothing((2.0, 1e300)), "sigma"),
+        ("QuerySmoothing", lambda: QuerySmoothing(1.0, radius=-1), "radius"),
+        ("QuerySmoothing", lambda: QuerySmoothing(1.0, radius=2.5), "radius"),
+        ("QuerySmoothing", lambda: QuerySmoothing(1.0, radius=nan), "radius"),  # type: ignore[arg-type]
+        ("QuerySmoothing", lambda: QuerySmoothing(1.0, radius=True), "radius"),
+        ("QuerySmoothing", lambda: QuerySmoothing(1.0, radius=2**40), "radius"),
+        ("QuerySmoothing", lambda: QuerySmoothing(1.0, mode="edge"), "mode"),  # type: ignore[arg-type]
+        ("SEG", lambda: SEG(3.0, sigma=1e300), "sigma"),
+        ("SEG", lambda: SEG(3.0, sigma=-1.0), "sigma"),
+        ("SEG", lambda: SEG(3.0, sigma=2.0, radius=-3), "radius"),
+        ("SEG", lambda: SEG(3.0, sigma=2.0, radius=1.5), "radius"),  # type: ignore[arg-type]
+        ("SEG", lambda: SEG(nan), "scale"),
+        ("PAG", lambda: PAG(-1.0), "scale"),
+        ("PAG", lambda: PAG(1.0, cfg_scale=math.inf), "cfg_scale"),
+        ("APG", lambda: APG(2.0, eta=nan), "eta"),
+        ("APG", lambda: APG(2.0, momentum=1.0), "momentum"),
+        ("APG", lambda: APG(2.0, norm_threshold=-1.0), "norm_threshold"),
+        ("Rescale", lambda: Rescale(1.5), "phi"),
+        ("Rescale", lambda: Rescale(nan), "phi"),
+        ("Interval", lambda: Interval(4.0, 1.0), "lo"),
+        ("Interval", lambda: Interval(nan, 1.0), "lo"),
+        ("Interval", lambda: Interval(0.0, 1.5, on="progress"), "hi"),
+        ("Interval", lambda: Interval(0.0, 1.5, on="diffusers"), "hi"),
+        ("LinearRamp", lambda: LinearRamp(nan, 1.0), "start"),
+        ("LinearRamp", lambda: LinearRamp(1.0, 0.0, lo=0.5, hi=0.5), "lo"),
+        ("CosineRamp", lambda: CosineRamp(1.0, 0.0, lo=0.0, hi=math.inf, on="sigma"), "hi"),
+    ]
+    return [pytest.param(f, name, id=f"{cls}-{i}") for i, (cls, f, name) in enumerate(cases)]
+
+
+@failure_mode(
+    "constructing QuerySmoothing / SEG with a sigma or radius that can never build a kernel "
+    "(negative, NaN, non-integer, bool or too large radius, sigma too wide for any kernel), "
+    "and PAG, APG, Rescale, Interval and ramps with impossible values",
+    "ValueError / TypeError at construction naming the argument (not later, inside the model)",
+)
+@pytest.mark.parametrize(("make", "name"), _bad_constructions())
+def test_constructors_refuse_values_that_can_never_work(make: object, name: str) -> None:
+    with pytest.raises((ValueError, TypeError), match=name):
+        make()  # type: ignore[operator]
