@@ -100,7 +100,7 @@ def test_cfg_formula(backend: Any, shape: tuple[int, ...], w: float, seed: int) 
     shape=shapes,
     s=scales,
     w=st.one_of(st.just(1.0), scales),
-    sigma=st.floats(0.1, 20.0),
+    sigma=st.floats(0.17, 20.0),  # sigma <= 1/6: a single-tap kernel, neutral (round 2)
     seed=seeds,
 )
 def test_seg_official_formula(
