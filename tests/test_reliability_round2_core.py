@@ -406,7 +406,7 @@ def _scalar_cases() -> list[object]:
                 [f(2.0), f(1.0), f(0.0)],
                 eta=f(0.5),
                 seed=i(3),
-                progress=False,
+                progress=False if f is float else np.bool_(False),  # NumPy's bool too
             ),
         ),
     ]
@@ -421,7 +421,7 @@ NUMPY_KINDS = [
 
 
 @failure_mode(
-    "NumPy scalars (np.float16/32/64, np.int16/32/64, np.uint8) for every number of the "
+    "NumPy scalars (np.float16/32/64, np.int16/32/64, np.uint8, np.bool_) for every number of the "
     "public API: scales of energy and every rule, sigma and radius (core, torch, "
     "QuerySmoothing, SEG), grid sizes, schedule bounds, step contexts, sampler arguments",
     "accepted and stored as Python numbers: the same result, bit for bit, as the Python number",

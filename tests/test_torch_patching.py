@@ -146,7 +146,7 @@ def test_pag_rows_get_values_and_disjoint_contexts_combine(net: Net) -> None:
     z0 = img[3:4].flatten(2).transpose(1, 2)
     z1 = z0 + net.blocks[0].to_v(z0)
     z2 = z1 + net.blocks[1](z1)
-    torch.testing.assert_close(out[3], z2[0].transpose(0, 1).reshape(8, 3, 5))
+    assert_close(out[3], z2[0].transpose(0, 1).reshape(8, 3, 5))
     with (
         pytest.raises(ValueError, match="disjoint rows"),
         p.perturb(QuerySmoothing(1.0), rows=[0, 1]),

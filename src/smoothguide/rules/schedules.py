@@ -13,9 +13,9 @@ Schedules read a :class:`~smoothguide.rules.StepContext` on one of two axes:
   :mod:`smoothguide.sampling`'s samplers pass.
 
 :class:`Interval` also takes ``on="diffusers"``: the convention of diffusers'
-guiders (``ClassifierFreeGuidance(start=, stop=)``, ``BaseGuidance``), the step indices ``int(lo·N) <= step < int(hi·N)``
-(``N = num_steps``), which is *not* the closed progress interval (N = 25, hi = 0.5:
-12 steps, where ``p <= 0.5`` holds for 13).
+guiders (``ClassifierFreeGuidance(start=, stop=)``, ``BaseGuidance``), the step
+indices ``int(lo·N) <= step < int(hi·N)`` (``N = num_steps``), which is *not* the
+closed progress interval (N = 25, hi = 0.5: 12 steps, where ``p <= 0.5`` holds for 13).
 """
 
 from __future__ import annotations

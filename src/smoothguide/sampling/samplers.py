@@ -296,6 +296,8 @@ def _ddim(
 
 def _progress_bar(progress: bool | None, total: int, desc: str) -> Any:
     """A tqdm bar, or ``None``: ``progress=None`` shows one if tqdm is installed."""
+    if isinstance(progress, np.bool_):  # NumPy's bool scalar, like a Python bool
+        progress = bool(progress)
     if progress is not None and not isinstance(progress, bool):
         raise TypeError(f"progress must be True, False or None, got {progress!r}")
     if progress is False:
