@@ -1,4 +1,4 @@
-"""Nox sessions: tests, lint, typecheck, docs, bench.
+"""Nox sessions: tests, tests-kernels, lint, typecheck, docs, bench.
 
 Every session that needs torch installs ``torch==2.13.0`` first, on its own line:
 an unpinned torch (or a range admitting newer releases) resolves a multi-GB CUDA build.
@@ -31,6 +31,31 @@ def tests(session: nox.Session) -> None:
     _install(session, "all", "test")
     session.install("jax[cpu]")
     session.run("pytest", *session.posargs, env=OFFLINE)
+
+
+#: (ATEN_CPU_CAPABILITY, OMP_NUM_THREADS) of the tests-kernels runs: torch's scalar
+#: kernels and its AVX2 ones (whatever this CPU's best is), on 1 and 2 threads.
+KERNELS = [(cap, threads) for cap in ("default", "avx2") for threads in ("1", "2")]
+
+
+@nox.session(name="tests-kernels")
+def tests_kernels(session: nox.Session) -> None:
+    """The ``numerics`` tests under other CPU kernels and thread counts (issue 13).
+
+    A float32 result must not depend on which kernels a CPU runs: each configuration
+    of ``KERNELS`` runs ``pytest -m numerics`` (NumPy, array-api-strict and torch
+    backends; JAX's XLA kernels do not read ``ATEN_CPU_CAPABILITY``).
+    """
+    _install(session, "all", "test")
+    for cap, threads in KERNELS:
+        env = {
+            **OFFLINE,
+            "ATEN_CPU_CAPABILITY": cap,
+            "OMP_NUM_THREADS": threads,
+            "SMOOTHGUIDE_TEST_BACKENDS": "numpy,array_api_strict,torch",
+        }
+        session.log(f"ATEN_CPU_CAPABILITY={cap} OMP_NUM_THREADS={threads}")
+        session.run("pytest", "-q", "-m", "numerics", *session.posargs, env=env)
 
 
 @nox.session

@@ -31,6 +31,8 @@ LAYERS = {
     "rules": "Rules and samplers",
     "torch": "Torch adapter and diffusers models",
     "demo": "Embedded demo model and weights",
+    "round2_core": "Round 2 (issue 13): core, rules, numerics",
+    "round2_torch": "Round 2 (issue 13): torch adapter, guided denoiser, command line",
 }
 
 

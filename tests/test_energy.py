@@ -24,6 +24,9 @@ from smoothguide import (
     smooth_queries,
     smoothed_energy_hessian,
 )
+from tolerance import EPS32, assert_close, eps_of
+
+pytestmark = pytest.mark.numerics  # run under several CPU kernels: nox -s tests-kernels
 
 FIXTURE_OK = settings(
     deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=15
@@ -37,19 +40,21 @@ def test_logits_attention_energy_match_numpy(backend, nq, nk, d, seed) -> None:
     q, k, v = (rng.normal(size=(2, n, d)).astype("float32") for n in (nq, nk, nk))
     a = np.einsum("bqd,bkd->bqk", q.astype(float), k.astype(float)) / math.sqrt(d)
     xq, xk, xv = (backend.asarray(t) for t in (q, k, v))
-    tol = {"atol": 1e-5, "rtol": 1e-5}
-    np.testing.assert_allclose(backend.to_numpy(attention_logits(xq, xk)), a, **tol)
-    np.testing.assert_allclose(
-        backend.to_numpy(attention(xq, xk, xv)), sp_softmax(a, axis=-1) @ v, **tol
+    # float32 rounding of d-term dot products, relative to the largest logit (|q||k|).
+    mag = {"eps": EPS32, "magnitude": np.abs(a).max() + np.log(12) + 1.0}
+    assert_close(backend.to_numpy(attention_logits(xq, xk)), a, **mag)
+    assert_close(
+        backend.to_numpy(attention(xq, xk, xv)),
+        sp_softmax(a, axis=-1) @ v,
+        eps=EPS32,
+        magnitude=np.abs(v).max() * (1.0 + np.abs(a).max()),
     )
-    np.testing.assert_allclose(
-        backend.to_numpy(attention_energy(xq, xk)), -sp_lse(a, axis=1), **tol
+    assert_close(
+        backend.to_numpy(attention_energy(xq, xk)), -sp_lse(a, axis=1), **mag
     )  # per key: lse over query positions
-    np.testing.assert_allclose(
-        backend.to_numpy(attention_energy(xq, xk, axis="keys")), -sp_lse(a, axis=2), **tol
-    )
-    np.testing.assert_allclose(
-        backend.to_numpy(attention_logits(xq, xk, scale=0.5)), a * math.sqrt(d) * 0.5, **tol
+    assert_close(backend.to_numpy(attention_energy(xq, xk, axis="keys")), -sp_lse(a, axis=2), **mag)
+    assert_close(
+        backend.to_numpy(attention_logits(xq, xk, scale=0.5)), a * math.sqrt(d) * 0.5, **mag
     )
 
 
@@ -123,18 +128,18 @@ def test_hessian_backends(backend) -> None:
     a = np.random.default_rng(1).normal(size=(3, 6))
     b = blur_matrix(6, 1.0)
     dtype = "float64" if backend.has_float64 else "float32"
-    tol = 1e-12 if dtype == "float64" else 1e-6
+    eps = eps_of(np.zeros(1, dtype))
     xa, xb = backend.asarray(a, dtype), backend.asarray(b, dtype)
     p = sp_softmax(a, axis=-1)
     ref = p[:, :, None] * p[:, None, :] - np.einsum("bi,ij->bij", p, np.eye(6))
-    np.testing.assert_allclose(backend.to_numpy(lse_energy_hessian(xa)), ref, atol=tol)
+    # Entries are products of probabilities (<= 1); inputs of magnitude ~3 rounded first.
+    big = {"eps": eps, "magnitude": 1.0 + np.abs(a).max()}
+    assert_close(backend.to_numpy(lse_energy_hessian(xa)), ref, **big)
     pb = sp_softmax(a @ b.T, axis=-1)
     refb = b.T @ (pb[:, :, None] * pb[:, None, :] - np.einsum("bi,ij->bij", pb, np.eye(6))) @ b
-    np.testing.assert_allclose(backend.to_numpy(smoothed_energy_hessian(xa, xb)), refb, atol=tol)
+    assert_close(backend.to_numpy(smoothed_energy_hessian(xa, xb)), refb, **big)
     ref_logdet = np.log(pb).sum(-1) + np.log(np.diag(b)).sum()
-    np.testing.assert_allclose(
-        backend.to_numpy(diagonal_curvature_logdet(xa, xb)), ref_logdet, rtol=tol * 10
-    )
+    assert_close(backend.to_numpy(diagonal_curvature_logdet(xa, xb)), ref_logdet, eps=eps)
 
 
 def test_energy_of_blurred_queries_equals_energy_of_blurred_logits() -> None:

@@ -467,6 +467,7 @@ def test_concurrent_sampling_equals_sequential() -> None:
         assert all(g.tobytes() == exp.tobytes() for g in got[k]), k
 
 
+@pytest.mark.numerics
 @failure_mode(
     "float16 / bfloat16 branch outputs of a 4x64x64 latent (std 3: sums of squares overflow "
     "float16) through CFG, APG (norms, projection, threshold) and CFG + Rescale (std)",

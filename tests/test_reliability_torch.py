@@ -30,6 +30,7 @@ from smoothguide.demo.model import DemoDenoiser, DemoDiT, DiTConfig
 from smoothguide.rules import CFG, PAG, SEG, Compose
 from smoothguide.sampling import GuidedDenoiser, karras_sigmas, sample_euler
 from smoothguide.torch import AttentionPatcher, Geometry, smooth_queries
+from tolerance import assert_close
 
 INF = math.inf
 
@@ -165,7 +166,7 @@ def test_keyboard_interrupt_inside_layer_restores_everything(
     assert torch.equal(net(img), pristine(img))
     q = torch.randn(1, 2, 6, 4)  # an unrelated attention call in this thread still works
     weights = torch.softmax(q @ q.transpose(-1, -2) / 2.0, dim=-1)
-    torch.testing.assert_close(F.scaled_dot_product_attention(q, q, q), weights @ q)
+    assert_close(F.scaled_dot_product_attention(q, q, q), weights @ q, magnitude=q)
 
 
 @failure_mode(
@@ -470,11 +471,12 @@ def test_strided_inputs_to_the_patched_model(layout: str) -> None:
     patcher = AttentionPatcher(net, layers=Attn)
     with patcher.perturb(QuerySmoothing(1.2), rows=[1, 2]):
         out, ref = net(img), net(img.contiguous())
-    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    assert_close(out, ref, ops=64)  # strided inputs may take other kernels
     q = torch.randn(2, 4, 24, 3)[:, ::2].transpose(-1, -2).contiguous().transpose(-1, -2)
-    torch.testing.assert_close(
+    assert_close(
         smooth_queries(q, TokenGrid(4, 6), 1.0),
         smooth_queries(q.contiguous(), TokenGrid(4, 6), 1.0),
+        magnitude=q,
     )
 
 

@@ -51,8 +51,16 @@ def dtype_of(backend: Any) -> str:
     return "float64" if backend.has_float64 else "float32"
 
 
-def tol(backend: Any) -> dict[str, float]:
-    return {"rtol": 1e-10, "atol": 1e-10} if backend.has_float64 else {"rtol": 2e-5, "atol": 2e-4}
+def tol(backend: Any, *terms: Any) -> dict[str, float]:
+    """Rounding budget of the backend's dtype, scaled by the largest term of the formula.
+
+    The inputs are rounded to the backend dtype (float32 on JAX without x64) and then
+    combined with scales up to 12, so errors scale with ``scale * max|x|``, not with the
+    (possibly cancelled) result.
+    """
+    eps = float(np.finfo(dtype_of(backend)).eps)
+    magnitude = max(float(np.max(np.abs(t), initial=0.0)) for t in terms)
+    return {"rtol": 0.0, "atol": 256 * eps * magnitude}
 
 
 def combine(
@@ -76,21 +84,23 @@ def combine(
 # -- each rule equals its formula ------------------------------------------------------------
 
 
+@pytest.mark.numerics
 @FAST
 @given(shape=shapes, w=scales, seed=seeds)
 def test_cfg_formula(backend: Any, shape: tuple[int, ...], w: float, seed: int) -> None:
     x_c, x_u = draw_np(seed, shape, 2)
     out, state = combine(backend, CFG(w), {COND: x_c, UNCOND: x_u})
-    np.testing.assert_allclose(out, x_u + w * (x_c - x_u), **tol(backend))
+    np.testing.assert_allclose(out, x_u + w * (x_c - x_u), **tol(backend, (1 + w) * x_c, w * x_u))
     assert state is None
 
 
+@pytest.mark.numerics
 @FAST
 @given(
     shape=shapes,
     s=scales,
     w=st.one_of(st.just(1.0), scales),
-    sigma=st.floats(0.1, 20.0),
+    sigma=st.floats(0.17, 20.0),  # sigma <= 1/6: a single-tap kernel, neutral (round 2)
     seed=seeds,
 )
 def test_seg_official_formula(
@@ -103,10 +113,11 @@ def test_seg_official_formula(
     outs = {COND: x_c, UNCOND: x_u, rule.seg_branch: x_seg}
     out, _ = combine(backend, rule, outs)
     expected = x_u + w * (x_c - x_u) + s * (x_c - x_seg)
-    np.testing.assert_allclose(out, expected, **tol(backend))
+    terms = ((1 + w + s) * x_c, (1 + w) * x_u, s * x_seg)
+    np.testing.assert_allclose(out, expected, **tol(backend, *terms))
     # CFG + SEG as a composition of two terms is the same rule
     composed, _ = combine(backend, Compose(CFG(w), SEG(s, sigma=sigma)), outs)
-    np.testing.assert_allclose(composed, expected, **tol(backend))
+    np.testing.assert_allclose(composed, expected, **tol(backend, *terms))
 
 
 @FAST
@@ -119,14 +130,17 @@ def test_seg_paper_formulas(
     eq9 = SEG(gamma, sigma=2.0, convention="paper")
     assert eq9.seg_branch == Branch("cond", QuerySmoothing(2.0))
     out, _ = combine(backend, eq9, {COND: x_c, eq9.seg_branch: x_tilde})
-    np.testing.assert_allclose(out, x_c + (gamma - 1) * (x_c - x_tilde), **tol(backend))
+    np.testing.assert_allclose(
+        out, x_c + (gamma - 1) * (x_c - x_tilde), **tol(backend, (1 + gamma) * x_c, gamma * x_tilde)
+    )
 
     w = w if w != 1.0 else 2.0
     eq10 = SEG(gamma, sigma=2.0, convention="paper", cfg_scale=w)
     assert eq10.seg_branch == Branch("uncond", QuerySmoothing(2.0))  # the blurred uncond branch
     out, _ = combine(backend, eq10, {COND: x_c, UNCOND: x_u, eq10.seg_branch: x_tilde})
     expected = x_u + w * (x_c - x_u) + gamma * (x_u - x_tilde)
-    np.testing.assert_allclose(out, expected, **tol(backend))
+    terms = ((1 + w) * x_c, (1 + w + gamma) * x_u, gamma * x_tilde)
+    np.testing.assert_allclose(out, expected, **tol(backend, *terms))
 
 
 @FAST
@@ -141,7 +155,7 @@ def test_seg_conventions_agree_for_s_equal_gamma_minus_one(
     outs = {COND: x, official.seg_branch: x_tilde}
     a, _ = combine(backend, official, outs)
     b, _ = combine(backend, paper, outs)
-    np.testing.assert_allclose(a, b, **tol(backend))
+    np.testing.assert_allclose(a, b, **tol(backend, gamma * x, gamma * x_tilde))
 
 
 def test_seg_parameters_reach_the_query_smoothing_spec() -> None:
@@ -161,9 +175,11 @@ def test_pag_formula(backend: Any, shape: tuple[int, ...], s: float, w: float, s
     rule = PAG(s, cfg_scale=w, layers="mid")
     assert rule.pag_branch == Branch("cond", IdentityAttention(layers="mid"))
     out, _ = combine(backend, rule, {COND: x_c, UNCOND: x_u, rule.pag_branch: x_p})
-    np.testing.assert_allclose(out, x_u + w * (x_c - x_u) + s * (x_c - x_p), **tol(backend))
+    terms = ((1 + w + s) * x_c, (1 + w) * x_u, s * x_p)
+    np.testing.assert_allclose(out, x_u + w * (x_c - x_u) + s * (x_c - x_p), **tol(backend, *terms))
 
 
+@pytest.mark.numerics
 @FAST
 @given(
     shape=shapes.filter(lambda s: math.prod(s[1:]) >= 2),
@@ -182,7 +198,8 @@ def test_cfg_rescale_formula(
     std_pos = np.std(x_c, axis=axes, keepdims=True)
     std_cfg = np.std(x_cfg, axis=axes, keepdims=True)
     expected = phi * (x_cfg * std_pos / std_cfg) + (1 - phi) * x_cfg
-    np.testing.assert_allclose(out, expected, **tol(backend))
+    terms = ((1 + w) * x_c, (1 + w) * x_u, expected)
+    np.testing.assert_allclose(out, expected, **tol(backend, *terms))
     if phi == 1.0:  # the rescaled prediction has exactly the std of x_c
         np.testing.assert_allclose(np.std(out, axis=axes), np.std(x_c, axis=axes), rtol=1e-4)
 
@@ -205,6 +222,7 @@ def apg_by_hand(
     return out, (new_m if beta != 0.0 else None)
 
 
+@pytest.mark.numerics
 @FAST
 @given(
     shape=shapes,
@@ -226,11 +244,12 @@ def test_apg_formula_and_momentum_state(
             backend, rule, {COND: x_c, UNCOND: x_u}, StepContext(2.0 - step), state
         )
         expected, m_ref = apg_by_hand(x_c, x_u, w, eta, r, beta, m_ref)
-        np.testing.assert_allclose(out, expected, **tol(backend))
+        terms = ((1 + w) * x_c, (1 + w) * x_u, w * (m_ref if m_ref is not None else 0.0))
+        np.testing.assert_allclose(out, expected, **tol(backend, *terms, expected))
         if m_ref is None or w == 1.0:
             assert state is None
         else:
-            np.testing.assert_allclose(backend.to_numpy(state), m_ref, **tol(backend))
+            np.testing.assert_allclose(backend.to_numpy(state), m_ref, **tol(backend, *terms))
 
 
 @FAST
@@ -240,7 +259,7 @@ def test_apg_special_cases(backend: Any, shape: tuple[int, ...], w: float, seed:
     outs = {COND: x_c, UNCOND: x_u}
     # eta = 1 without threshold and momentum is CFG
     out, _ = combine(backend, APG(w, eta=1.0), outs)
-    np.testing.assert_allclose(out, x_u + w * (x_c - x_u), **tol(backend))
+    np.testing.assert_allclose(out, x_u + w * (x_c - x_u), **tol(backend, (1 + w) * x_c, w * x_u))
     # eta = 0: the update is orthogonal to x_c, sample by sample
     out, _ = combine(backend, APG(w, eta=0.0), outs)
     for i in range(shape[0]):

@@ -12,6 +12,7 @@ Array = Any  # an array of any array-API backend (NumPy, PyTorch, JAX, CuPy, arr
 __all__ = [
     "Array",
     "as_backend",
+    "compat_namespace",
     "compute_dtype",
     "device_of",
     "namespace",
@@ -29,6 +30,32 @@ def namespace(*arrays: Array) -> Any:
             f"expected arrays of one array-API backend (NumPy, PyTorch, JAX, CuPy, "
             f"array-api-strict), got {kinds}"
         ) from exc
+
+
+def compat_namespace(xp: Any) -> Any:
+    """The array-API namespace for ``xp``, also when ``xp`` is a framework's own module.
+
+    ``xp=torch`` (or ``numpy`` 1.x, ``cupy``, ``dask.array``) lacks parts of the array
+    API (``torch.isdtype``); array-api-compat's wrapper of it has them.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> compat_namespace(np).isdtype(np.float32, "real floating")
+    True
+    """
+    checks = (
+        (array_api_compat.is_torch_namespace, "torch"),
+        (array_api_compat.is_numpy_namespace, "numpy"),
+        (array_api_compat.is_cupy_namespace, "cupy"),
+        (array_api_compat.is_dask_namespace, "dask.array"),
+    )
+    for check, name in checks:
+        if check(xp):
+            import importlib
+
+            return importlib.import_module(f"array_api_compat.{name}")
+    return xp
 
 
 def device_of(x: Array) -> Any:

@@ -14,6 +14,7 @@ blur ``B`` of the logits, the Hessian of ``a -> E'(B a)``, ``Bᵀ ∇²E'(B a) B
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Literal
 
 from ._array import Array, compute_dtype, device_of, namespace, require_floating
@@ -36,7 +37,8 @@ __all__ = [
 def _scale(scale: float | None, dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(dim)
-    if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
+    # numbers.Real: NumPy scalars (np.float32, np.int64) too; bools (also np.bool_) not.
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise ValueError(f"scale must be None or a finite real number, got {scale!r}")
     return float(scale)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from .grid import TokenGrid
-from .smoothing import Mode, _check_mode, _check_sigma
+from .smoothing import Mode, _check_mode, _check_radius, _check_sigma, default_radius
 
 __all__ = [
     "IdentityAttention",
@@ -131,21 +131,45 @@ class QuerySmoothing(Perturbation):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        object.__setattr__(self, "sigma", _check_sigma(self.sigma))
+        sigma = _check_sigma(self.sigma)
+        object.__setattr__(self, "sigma", sigma)
         _check_mode(self.mode)
-        if self.radius is not None and (
-            isinstance(self.radius, bool) or not isinstance(self.radius, int) or self.radius < 0
-        ):
-            raise ValueError(f"radius must be None or an int >= 0, got {self.radius!r}")
+        # NumPy integers are accepted and stored as int; radius > MAX_RADIUS refused.
+        object.__setattr__(self, "radius", _check_radius(self.radius))
         object.__setattr__(self, "heads", _normalize_heads(self.heads))
         if not isinstance(self.relative, bool):
             raise TypeError(f"relative must be True or False, got {self.relative!r}")
+        if self.radius is None and not self.relative:
+            # Fail here, not inside the model: a sigma too wide for any kernel.
+            for s in sigma if isinstance(sigma, tuple) else (sigma,):
+                if not math.isinf(s):
+                    default_radius(s)
+
+    def _taps(self) -> tuple[int | None, ...]:
+        """Kernel radius per blurred axis (``None`` for σ = inf, the mean, or a relative σ).
+
+        A relative σ is resolved per layer grid, so its radius is not known here.
+        """
+        s = self.sigma
+        axes = s if isinstance(s, tuple) else (s,)
+        return tuple(
+            None
+            if math.isinf(a) or (self.relative and self.radius is None)
+            else (self.radius if self.radius is not None else default_radius(a))
+            for a in axes
+        )
 
     @property
     def is_identity(self) -> bool:
-        """True when the blur leaves every query unchanged (σ = 0 on every axis)."""
+        """True when the blur leaves every query unchanged.
+
+        That is σ = 0 on every axis, or a single-tap kernel (radius 0: an explicit
+        ``radius=0``, or σ <= 1/6 with the default radius) on every finite axis, whose
+        one tap is exactly 1. Such a perturbation is neutral: rules skip its branch.
+        """
         s = self.sigma
-        return s == 0.0 if isinstance(s, float) else all(x == 0.0 for x in s)
+        axes = s if isinstance(s, tuple) else (s,)
+        return all(a == 0.0 or r == 0 for a, r in zip(axes, self._taps(), strict=True))
 
     def absolute_sigma(self, grid: TokenGrid) -> float | tuple[float, ...]:
         """σ in tokens on ``grid``: ``sigma`` itself, or ``sigma · min(h, w)`` when relative.

@@ -13,7 +13,15 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 
-from ._array import Array, as_backend, compute_dtype, device_of, namespace, require_floating
+from ._array import (
+    Array,
+    as_backend,
+    compat_namespace,
+    compute_dtype,
+    device_of,
+    namespace,
+    require_floating,
+)
 from .grid import TokenGrid
 
 __all__ = [
@@ -93,6 +101,11 @@ def default_radius(sigma: float) -> int:
     sigma = _check_scalar_sigma(sigma)
     if math.isinf(sigma):
         raise ValueError("sigma must be finite for a kernel radius; sigma=inf is the exact mean")
+    # Compare before ceil: 6 sigma overflows to inf from sigma ~ 3e307 (OverflowError).
+    if 6 * sigma > 2 * MAX_RADIUS + 1:
+        raise ValueError(
+            f"sigma={sigma} needs a kernel radius above {MAX_RADIUS}; use sigma=math.inf"
+        )
     c = math.ceil(6 * sigma)
     radius = (c + 1 - c % 2) // 2
     if radius > MAX_RADIUS:
@@ -159,11 +172,8 @@ def _fold(index: np.ndarray, n: int, mode: str) -> np.ndarray:
     return np.where(j >= n, 2 * n - 2 - j, j)
 
 
-@functools.lru_cache(maxsize=256)
-def _blur_matrix_np(n: int, sigma: float, radius: int | None, mode: str) -> np.ndarray:
-    if math.isinf(sigma):
-        return np.full((n, n), 1.0 / n)
-    w = gaussian_kernel1d(sigma, radius=radius)
+def _fold_taps(n: int, w: np.ndarray, mode: str) -> np.ndarray:
+    """The ``n x n`` matrix of ``sum_k w[k] x[fold(i + k)]`` for any taps ``w`` (length 2r+1)."""
     r = (len(w) - 1) // 2
     offsets = np.arange(-r, r + 1)
     # Taps whose offsets differ by the boundary rule's period land on the same
@@ -185,6 +195,28 @@ def _blur_matrix_np(n: int, sigma: float, radius: int | None, mode: str) -> np.n
     np.add.at(m, (np.broadcast_to(rows, cols.shape), cols), np.broadcast_to(w, cols.shape))
     m.setflags(write=False)
     return m
+
+
+@functools.lru_cache(maxsize=256)
+def _blur_matrix_np(n: int, sigma: float, radius: int | None, mode: str) -> np.ndarray:
+    if math.isinf(sigma):
+        return np.full((n, n), 1.0 / n)
+    return _fold_taps(n, gaussian_kernel1d(sigma, radius=radius), mode)
+
+
+@functools.lru_cache(maxsize=64)
+def _support_np(n: int, sigma: float, radius: int | None, mode: str) -> np.ndarray:
+    """``(2, n, n)`` 0/1 matrices: output ``i`` reads source ``j`` through any tap / a zero tap.
+
+    SciPy multiplies every tap, also one that underflowed to 0, so a NaN read through
+    any tap, or an inf read through a zero tap (``0 * inf``), makes the output NaN.
+    """
+    w = gaussian_kernel1d(sigma, radius=radius)
+    reach = _fold_taps(n, np.ones_like(w), mode) > 0
+    zero = _fold_taps(n, (w == 0.0).astype(np.float64), mode) > 0
+    out = np.stack([reach, zero]).astype(np.float64)
+    out.setflags(write=False)
+    return out
 
 
 def blur_matrix(
@@ -245,6 +277,7 @@ def blur_matrix(
         if dtype is not None and np.dtype(dtype).kind != "f":
             raise TypeError(f"dtype must be a real floating dtype, got {np.dtype(dtype)}")
         return m.copy() if dtype is None else m.astype(dtype)
+    xp = compat_namespace(xp)  # xp=torch (the module itself) lacks isdtype
     if dtype is not None and not xp.isdtype(dtype, "real floating"):
         raise TypeError(f"dtype must be a real floating dtype, got {dtype}")
     return as_backend(m, xp, dtype=xp.float64 if dtype is None else dtype, device=device)
@@ -257,7 +290,68 @@ def _per_axis_sigma(sigma: float | tuple[float, ...]) -> tuple[float, float, flo
     return (0.0, sigma, sigma)
 
 
-def _blur_axis(xp: Any, x: Array, axis: int, sigma: float, radius: int | None, mode: Mode) -> Array:
+def _apply_along(xp: Any, m: Array, x: Array, axis: int) -> Array:
+    """``M @ x`` along ``axis`` (negative) of ``x``, every other axis a batch of lines."""
+    shape = x.shape
+    n = shape[axis]
+    # Put the blurred axis second to last, everything after it flattened into the
+    # last axis, so that one broadcast matmul applies M to every line.
+    lead, trail = shape[: len(shape) + axis], shape[len(shape) + axis + 1 :]
+    flat = xp.reshape(x, (*lead, n, math.prod(trail)))
+    return xp.reshape(xp.matmul(m, flat), shape)
+
+
+def _all_finite(xp: Any, x: Array) -> bool:
+    """Whether every entry of ``x`` is finite; ``False`` when that cannot be known now.
+
+    Under tracing (``jax.jit``) the values are unknown: the caller then takes the path
+    that is exact for any input.
+    """
+    try:
+        # A sum is non-finite iff an entry is (or it overflows: then the exact path
+        # runs needlessly); much cheaper than a boolean array and its reduction.
+        with np.errstate(over="ignore", invalid="ignore"):  # inf - inf, overflow: the answer
+            return bool(xp.isfinite(xp.sum(x)))
+    except TypeError:  # a tracer's truth value (jax ConcretizationTypeError is a TypeError)
+        return False
+
+
+def _blur_nonfinite(xp: Any, x: Array, axis: int, m: Array, support: Array) -> Array:
+    """``M @ x`` along ``axis`` with SciPy's treatment of NaN and ±inf entries.
+
+    The dense product would spread a NaN over the whole axis (``0 * NaN = NaN``);
+    ``scipy.ndimage.gaussian_filter1d`` keeps it within the kernel's support. Here the
+    finite entries are blurred with ``M`` and the non-finite ones are counted through
+    the support matrices of :func:`_support_np` (``support[0]``: any tap reaches,
+    ``support[1]``: a zero tap reaches): an output is NaN if it reads a NaN, both
+    signs of inf, or an inf through a zero tap; else ±inf if it reads an inf.
+    """
+    finite = xp.isfinite(x)
+    zero = xp.zeros_like(x)
+    out = _apply_along(xp, m, xp.where(finite, x, zero), axis)
+    reach, zero_tap = support[0, ...], support[1, ...]
+    one = xp.ones_like(x)
+
+    def reads(mask: Array, mat: Array) -> Array:
+        return _apply_along(xp, mat, xp.where(mask, one, zero), axis) > 0
+
+    pos, neg = x == math.inf, x == -math.inf
+    p, q = reads(pos, reach), reads(neg, reach)
+    nan = reads(xp.isnan(x), reach) | (p & q) | reads(pos | neg, zero_tap)
+    out = xp.where(p, xp.full_like(x, math.inf), out)
+    out = xp.where(q, xp.full_like(x, -math.inf), out)
+    return xp.where(nan, xp.full_like(x, math.nan), out)
+
+
+def _blur_axis(
+    xp: Any,
+    x: Array,
+    axis: int,
+    sigma: float,
+    radius: int | None,
+    mode: Mode,
+    finite: bool = True,
+) -> Array:
     """Blur ``x`` along ``axis`` (negative, counted from the end) with a left matmul."""
     n = x.shape[axis]
     if sigma == 0.0 or n == 1:
@@ -265,13 +359,13 @@ def _blur_axis(xp: Any, x: Array, axis: int, sigma: float, radius: int | None, m
     if math.isinf(sigma):
         mean = xp.mean(x, axis=axis, keepdims=True)
         return xp.broadcast_to(mean, x.shape)
-    m = blur_matrix(n, sigma, radius=radius, mode=mode, xp=xp, dtype=x.dtype, device=device_of(x))
-    # Put the blurred axis second to last, everything after it flattened into the
-    # last axis, so that one broadcast matmul applies M to every line.
-    shape = x.shape
-    lead, trail = shape[: len(shape) + axis], shape[len(shape) + axis + 1 :]
-    flat = xp.reshape(x, (*lead, n, math.prod(trail)))
-    return xp.reshape(xp.matmul(m, flat), shape)
+    dev = device_of(x)
+    m = blur_matrix(n, sigma, radius=radius, mode=mode, xp=xp, dtype=x.dtype, device=dev)
+    if finite:
+        return _apply_along(xp, m, x, axis)
+    r = default_radius(sigma) if radius is None else radius
+    support = as_backend(_support_np(n, sigma, r, mode), xp, dtype=x.dtype, device=dev)
+    return _blur_nonfinite(xp, x, axis, m, support)
 
 
 def smooth_queries(
@@ -287,7 +381,10 @@ def smooth_queries(
     Blurring the queries equals blurring the attention logits of every key
     (Prop. 3.1: ``(B Q) Kᵀ = B (Q Kᵀ)``), without the ``tokens²`` cost.
     Along each grid axis the result equals
-    ``scipy.ndimage.gaussian_filter1d(q, sigma, axis, mode=mode, radius=radius)``.
+    ``scipy.ndimage.gaussian_filter1d(q, sigma, axis, mode=mode, radius=radius)``,
+    also for NaN and ±inf entries: they reach only the outputs within the kernel's
+    support, as in SciPy (finite queries take the dense fast path; a call whose
+    queries hold a non-finite entry takes a masked path, about 4x the work).
 
     Parameters
     ----------
@@ -338,8 +435,11 @@ def smooth_queries(
     lead, dim = q.shape[:-2], q.shape[-1]
     spatial = work[..., grid.spatial_slice, :]
     x = xp.reshape(spatial, (*lead, *grid.shape, dim))
+    # One check per call: the dense product is exact for finite queries only (a NaN
+    # would spread over its whole axis); non-finite ones take SciPy's semantics.
+    finite = _all_finite(xp, x)
     for axis, s in zip((-4, -3, -2), sigmas, strict=True):
-        x = _blur_axis(xp, x, axis, s, radius, mode)
+        x = _blur_axis(xp, x, axis, s, radius, mode, finite)
     x = xp.reshape(x, (*lead, grid.spatial_tokens, dim))
     parts = [x]
     if grid.prefix:

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from .._array import Array, compute_dtype, namespace
 from ..branches import Branch
-from .base import COND, UNCOND, StepContext, Term, branch_output, check_scale
+from .base import COND, UNCOND, StepContext, Term, branch_output, check_scale, check_shapes
 from .schedules import ALWAYS, Schedule, check_schedule, weight
 
 __all__ = ["APG", "APG_CONVENTIONS"]
@@ -123,6 +123,7 @@ class APG(Term):
         needed = self.branches(ctx)
         x_c = branch_output(outputs, COND, needed)
         x_u = branch_output(outputs, UNCOND, needed)
+        check_shapes("APG", pred, outputs, COND, UNCOND)
         xp = namespace(x_c, x_u)
         if x_c.ndim < 2:
             raise ValueError(

@@ -249,6 +249,44 @@ def branch_output(
         ) from None
 
 
+def _name(branch: Branch) -> str:
+    p = branch.perturbation
+    return f"{branch.conditioning!r}" if p is None else f"{branch.conditioning!r} + {p!r}"
+
+
+def check_shapes(
+    rule: str, pred: Array, outputs: Mapping[Branch, Array], *branches: Branch
+) -> None:
+    """Raise ``ValueError`` unless ``pred`` and each ``outputs[b]`` share one shape.
+
+    Guidance formulas such as ``x_u + w (x_c − x_u)`` would otherwise broadcast
+    outputs of different shapes (``(2, 1)`` with ``(2, 4)``) into a silently wrong
+    result. Arrays without a ``shape`` (Python numbers) are not checked.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> check_shapes("CFG", np.zeros((2, 4)), {COND: np.zeros((2, 4)), UNCOND: np.zeros((2, 1))},
+    ...              COND, UNCOND)
+    Traceback (most recent call last):
+    ...
+    ValueError: CFG: branch outputs must all have one shape (no broadcasting), got ...
+    """
+    shapes: dict[str, tuple[int, ...]] = {}
+    ps = getattr(pred, "shape", None)
+    if ps is not None:
+        shapes["the running prediction"] = tuple(ps)
+    for b in branches:
+        s = getattr(outputs.get(b), "shape", None)
+        if s is not None:
+            shapes[f"branch {_name(b)}"] = tuple(s)
+    if len(set(shapes.values())) > 1:
+        listing = "; ".join(f"{k} has shape {v}" for k, v in shapes.items())
+        raise ValueError(
+            f"{rule}: branch outputs must all have one shape (no broadcasting), got {listing}"
+        )
+
+
 def check_scale(value: object, name: str, *, minimum: float | None = 0.0) -> float:
     """Validate a finite real scale, ``>= minimum`` unless ``minimum`` is ``None``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):

@@ -9,7 +9,15 @@ from typing import Any, cast
 from .._array import Array
 from ..branches import Branch
 from ..perturbations import IdentityAttention, LayerSelection
-from .base import COND, StepContext, Term, branch_output, check_scale, unique_branches
+from .base import (
+    COND,
+    StepContext,
+    Term,
+    branch_output,
+    check_scale,
+    check_shapes,
+    unique_branches,
+)
 from .cfg import CFG
 from .schedules import ALWAYS, Schedule, check_schedule
 from .schedules import weight as schedule_weight
@@ -124,4 +132,5 @@ class PAG(Term):
         needed = self.branches(ctx)
         x_c = branch_output(outputs, COND, needed)
         x_p = branch_output(outputs, self.pag_branch, needed)
+        check_shapes("PAG", pred, outputs, COND, self.pag_branch)
         return pred + c * (x_c - x_p), state

@@ -8,7 +8,7 @@ from typing import Any
 
 from .._array import Array, compute_dtype, namespace
 from ..branches import Branch
-from .base import COND, StepContext, Term, branch_output, check_scale
+from .base import COND, StepContext, Term, branch_output, check_scale, check_shapes
 from .schedules import ALWAYS, Schedule, check_schedule, weight
 
 __all__ = ["Rescale"]
@@ -75,6 +75,7 @@ class Rescale(Term):
         if c == 0.0:
             return pred, state
         x_c = branch_output(outputs, COND, (COND,))
+        check_shapes("Rescale", pred, outputs, COND)
         xp = namespace(pred, x_c)
         if pred.ndim < 2:
             raise ValueError(

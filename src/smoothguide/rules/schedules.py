@@ -8,14 +8,20 @@ step, and the branches only it needs are not evaluated.
 Schedules read a :class:`~smoothguide.rules.StepContext` on one of two axes:
 
 - ``on="sigma"``: the noise level σ of the step;
-- ``on="progress"``: the fraction of the run done, 0 at the first step and 1 at
-  the last (diffusers' ``guidance_start`` / ``guidance_stop`` convention). It needs
-  the step index, which :mod:`smoothguide.sampling`'s samplers pass.
+- ``on="progress"``: the fraction of the run done, ``p = step / (num_steps − 1)``,
+  0 at the first step and 1 at the last. It needs the step index, which
+  :mod:`smoothguide.sampling`'s samplers pass.
+
+:class:`Interval` also takes ``on="diffusers"``: the convention of diffusers'
+guiders (``ClassifierFreeGuidance(start=, stop=)``, ``BaseGuidance``), the step
+indices ``int(lo·N) <= step < int(hi·N)`` (``N = num_steps``), which is *not* the
+closed progress interval (N = 25, hi = 0.5: 12 steps, where ``p <= 0.5`` holds for 13).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
@@ -24,8 +30,10 @@ from .base import StepContext, check_scale
 __all__ = ["ALWAYS", "AXES", "Constant", "CosineRamp", "Interval", "LinearRamp", "Schedule"]
 
 Axis = Literal["sigma", "progress"]
-#: Accepted values of ``on``.
+#: Accepted values of ``on`` (of every schedule).
 AXES: tuple[str, ...] = ("sigma", "progress")
+#: Accepted values of :class:`Interval`'s ``on``: also diffusers' step convention.
+INTERVAL_AXES: tuple[str, ...] = (*AXES, "diffusers")
 
 
 @runtime_checkable
@@ -59,9 +67,9 @@ def weight(schedule: Schedule, ctx: StepContext, name: str = "schedule") -> floa
     return check_scale(value, f"{name}(ctx)")
 
 
-def _check_on(on: object) -> None:
-    if on not in AXES:
-        raise ValueError(f"on must be one of {AXES}, got {on!r}")
+def _check_on(on: object, accepted: tuple[str, ...] = AXES) -> None:
+    if on not in accepted:
+        raise ValueError(f"on must be one of {accepted}, got {on!r}")
 
 
 def _value(ctx: StepContext, on: str) -> float:
@@ -70,7 +78,7 @@ def _value(ctx: StepContext, on: str) -> float:
     p = ctx.progress
     if p is None:
         raise ValueError(
-            "a schedule with on='progress' needs the step index, but the StepContext has "
+            f"a schedule with on={on!r} needs the step index, but the StepContext has "
             "step=None; use smoothguide.sampling's samplers, pass sigmas=... to "
             "GuidedDenoiser, or schedule on='sigma'"
         )
@@ -81,15 +89,15 @@ def _check_bounds(lo: object, hi: object, on: str, *, strict: bool) -> tuple[flo
     """Validate ``0 <= lo <= hi`` (``<`` if ``strict``); ``hi = inf`` only for σ intervals."""
     lo_f = check_scale(lo, "lo")
     inf_ok = on == "sigma" and not strict
-    if inf_ok and isinstance(hi, float) and hi == math.inf:
+    if inf_ok and isinstance(hi, numbers.Real) and not isinstance(hi, bool) and hi == math.inf:
         hi_f = math.inf
     else:
         hi_f = check_scale(hi, "hi")
     if lo_f > hi_f or (strict and lo_f == hi_f):
         rel = "<" if strict else "<="
         raise ValueError(f"lo must be {rel} hi, got lo={lo!r}, hi={hi!r}")
-    if on == "progress" and hi_f > 1.0:
-        raise ValueError(f"hi must be <= 1 with on='progress', got {hi!r}")
+    if on != "sigma" and hi_f > 1.0:
+        raise ValueError(f"hi must be <= 1 with on={on!r}, got {hi!r}")
     return lo_f, hi_f
 
 
@@ -126,18 +134,24 @@ ALWAYS = Constant()
 class Interval:
     """Guidance interval: weight 1 inside an interval, 0 outside.
 
-    On σ it is the interval ``(lo, hi]`` of Kynkäänniemi et al. 2024 ("Applying
-    guidance in a limited interval improves sample and distribution quality in
-    diffusion models", NeurIPS 2024), who apply CFG only for ``σ ∈ (σ_lo, σ_hi]``.
-    On progress it is the closed interval ``[lo, hi]``.
+    Three conventions, one per ``on``:
+
+    - ``"sigma"``: the half-open ``σ ∈ (lo, hi]`` of Kynkäänniemi et al. 2024
+      ("Applying guidance in a limited interval improves sample and distribution
+      quality in diffusion models", NeurIPS 2024), who apply CFG only there.
+    - ``"progress"``: the closed ``p ∈ [lo, hi]``, ``p = step / (num_steps − 1)``.
+    - ``"diffusers"``: diffusers' guiders' ``start=lo`` / ``stop=hi`` exactly
+      (``BaseGuidance._is_cfg_enabled``, diffusers 0.35+): half-open on step indices,
+      ``int(lo · N) <= step < int(hi · N)`` with ``N = num_steps``.
 
     Parameters
     ----------
     lo, hi
         Bounds, ``0 <= lo <= hi``; ``hi`` may be ``math.inf`` on σ; on progress
-        ``hi <= 1``.
+        and diffusers ``hi <= 1``.
     on
-        ``"sigma"`` (default) or ``"progress"``.
+        ``"sigma"`` (default), ``"progress"`` or ``"diffusers"``; the last two need
+        the step index (``StepContext.step``).
 
     Examples
     --------
@@ -146,22 +160,33 @@ class Interval:
     [0.0, 1.0, 1.0, 0.0]
     >>> Interval(0.0, 0.5, on="progress")(StepContext(1.0, step=1, num_steps=3))
     1.0
+    >>> first_half = Interval(0.0, 0.5, on="diffusers")  # stop=0.5, N=3: int(1.5) = 1
+    >>> [first_half(StepContext(1.0, step=i, num_steps=3)) for i in range(3)]
+    [1.0, 0.0, 0.0]
     """
 
     lo: float = 0.0
     hi: float = math.inf
-    on: Axis = "sigma"
+    on: Literal["sigma", "progress", "diffusers"] = "sigma"
 
     def __post_init__(self) -> None:
-        _check_on(self.on)
+        _check_on(self.on, INTERVAL_AXES)
         lo, hi = _check_bounds(self.lo, self.hi, self.on, strict=False)
         object.__setattr__(self, "lo", lo)
         object.__setattr__(self, "hi", hi)
 
     def __call__(self, ctx: StepContext) -> float:
         """1.0 inside the interval, 0.0 outside."""
-        v = _value(ctx, self.on)
-        inside = (self.lo < v <= self.hi) if self.on == "sigma" else (self.lo <= v <= self.hi)
+        if self.on == "diffusers":
+            _value(ctx, self.on)  # raises the step-index error when step is unknown
+            n, step = ctx.num_steps, ctx.step
+            assert n is not None
+            assert step is not None
+            # diffusers' BaseGuidance._is_cfg_enabled, the same float product and int().
+            inside = int(self.lo * n) <= step < int(self.hi * n)
+        else:
+            v = _value(ctx, self.on)
+            inside = (self.lo < v <= self.hi) if self.on == "sigma" else (self.lo <= v <= self.hi)
         return 1.0 if inside else 0.0
 
 

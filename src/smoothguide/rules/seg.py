@@ -11,7 +11,16 @@ from .._array import Array
 from ..branches import Branch
 from ..perturbations import LayerSelection, QuerySmoothing
 from ..smoothing import Mode
-from .base import COND, UNCOND, StepContext, Term, branch_output, check_scale, unique_branches
+from .base import (
+    COND,
+    UNCOND,
+    StepContext,
+    Term,
+    branch_output,
+    check_scale,
+    check_shapes,
+    unique_branches,
+)
 from .cfg import CFG
 from .schedules import ALWAYS, Schedule, check_schedule, weight
 
@@ -196,4 +205,7 @@ class SEG(Term):
         needed = self.branches(ctx)
         ref = branch_output(outputs, UNCOND if self.blurred == "uncond" else COND, needed)
         blurred = branch_output(outputs, self.seg_branch, needed)
+        check_shapes(
+            "SEG", pred, outputs, UNCOND if self.blurred == "uncond" else COND, self.seg_branch
+        )
         return pred + c * (ref - blurred), state

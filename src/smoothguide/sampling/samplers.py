@@ -100,8 +100,10 @@ def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) 
     for name, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("rho", rho)):
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < v < math.inf:
             raise ValueError(f"{name} must be a finite real number > 0, got {v!r}")
+    # Python floats from here on: NumPy scalars would leak into the returned list.
+    sigma_min, sigma_max, rho, n = float(sigma_min), float(sigma_max), float(rho), int(n)
     if n == 1:
-        return [float(sigma_max), 0.0]
+        return [sigma_max, 0.0]
     if sigma_min >= sigma_max:
         raise ValueError(f"sigma_min must be < sigma_max, got {sigma_min} >= {sigma_max}")
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
@@ -305,6 +307,8 @@ def _ddim(
 
 def _progress_bar(progress: bool | None, total: int, desc: str) -> Any:
     """A tqdm bar, or ``None``: ``progress=None`` shows one if tqdm is installed."""
+    if isinstance(progress, np.bool_):  # NumPy's bool scalar, like a Python bool
+        progress = bool(progress)
     if progress is not None and not isinstance(progress, bool):
         raise TypeError(f"progress must be True, False or None, got {progress!r}")
     if progress is False:

@@ -32,11 +32,13 @@ from .._array import Array
 from ..grid import TokenGrid
 from ..smoothing import (
     Mode,
+    _blur_nonfinite,
     _check_mode,
     _check_radius,
     _check_sigma,
     _fold,
     _per_axis_sigma,
+    _support_np,
     blur_matrix,
     default_radius,
     gaussian_kernel1d,
@@ -75,7 +77,11 @@ def axis_blur_matrix(
     ((4, 4), True)
     """
     m = blur_matrix(n, sigma, radius=radius, mode=mode)  # type: ignore[arg-type]
-    return torch.as_tensor(np.ascontiguousarray(m), dtype=dtype, device=device)
+    # Built outside inference mode: the cache is shared by every later call, and an
+    # inference tensor cannot be saved for backward (autograd use would then fail).
+    # A normal tensor is usable inside inference mode too.
+    with torch.inference_mode(False):
+        return torch.tensor(m, dtype=dtype, device=device)
 
 
 @functools.lru_cache(maxsize=256)
@@ -85,7 +91,14 @@ def _shift_plan(
     """Gather indices of the padded axis and the kernel taps for the shift-and-add kernel."""
     index = _fold(np.arange(-radius, n + radius), n, mode)
     taps = tuple(float(w) for w in gaussian_kernel1d(sigma, radius=radius))
-    return torch.as_tensor(index, dtype=torch.long, device=device), taps
+    with torch.inference_mode(False):  # shared by every later call: see axis_blur_matrix
+        return torch.tensor(index, dtype=torch.long, device=device), taps
+
+
+def _xp() -> object:
+    import array_api_compat.torch as xp
+
+    return xp
 
 
 def _choose(n: int, radius: int, method: str) -> str:
@@ -95,16 +108,28 @@ def _choose(n: int, radius: int, method: str) -> str:
 
 
 def _blur_axis(
-    x: torch.Tensor, axis: int, sigma: float, radius: int | None, mode: str, method: str
+    x: torch.Tensor,
+    axis: int,
+    sigma: float,
+    radius: int | None,
+    mode: str,
+    method: str,
+    finite: bool = True,
 ) -> torch.Tensor:
-    """Blur ``x`` along ``axis`` (negative); ``x`` has the working dtype already."""
+    """Blur ``x`` along ``axis`` (negative); ``x`` has the working dtype already.
+
+    ``finite=False``: ``x`` may hold NaN / inf; both methods then take
+    ``smoothguide.smoothing._blur_nonfinite`` (SciPy's semantics).
+    """
     n = x.shape[axis]
     if sigma == 0.0 or n == 1:
         return x
     if math.isinf(sigma):
         return x.mean(dim=axis, keepdim=True)  # broadcast back by the caller
     r = default_radius(sigma) if radius is None else radius
-    if _choose(n, r, method) == "shift" and 2 * r + 1 < n:
+    # Non-finite input: not the shift kernel, whose taps rounded to x's dtype may
+    # underflow to 0 where SciPy's float64 taps do not (0 * inf = NaN vs inf).
+    if finite and _choose(n, r, method) == "shift" and 2 * r + 1 < n:
         index, taps = _shift_plan(n, sigma, r, mode, x.dtype, x.device)
         padded = x.index_select(axis, index)
         out = padded.narrow(axis, 0, n) * taps[0]
@@ -112,6 +137,9 @@ def _blur_axis(
             out.add_(padded.narrow(axis, k, n), alpha=taps[k])
         return out
     m = axis_blur_matrix(n, sigma, radius, mode, x.dtype, x.device)
+    if not finite:
+        support = torch.tensor(_support_np(n, sigma, r, mode), dtype=x.dtype, device=x.device)
+        return _blur_nonfinite(_xp(), x, axis, m, support)
     shape = x.shape
     lead, trail = shape[: len(shape) + axis], shape[len(shape) + axis + 1 :]
     flat = x.reshape(*lead, n, math.prod(trail))
@@ -196,9 +224,14 @@ def smooth_queries(
     means = tuple(a for a, s in zip((-4, -3, -2), sigmas, strict=True) if math.isinf(s))
     if means:
         x = x.mean(dim=means, keepdim=True)
+    # One check per call: the dense product would spread a NaN / inf over its whole
+    # axis, SciPy keeps it within the kernel. A sum is non-finite iff an entry is (or
+    # the sum overflows: then the exact path runs needlessly); it costs ~1.5% of the
+    # blur on SDXL shapes, where `isfinite(x).all()` cost 20%.
+    finite = bool(torch.isfinite(x.detach().sum()))
     for axis, s in zip((-4, -3, -2), sigmas, strict=True):
         if not math.isinf(s):
-            x = _blur_axis(x, axis, s, radius, mode, method)
+            x = _blur_axis(x, axis, s, radius, mode, method, finite)
     x = x.expand(shape).reshape(*lead, grid.spatial_tokens, dim)
     if grid.prefix or grid.suffix:
         x = torch.cat(
