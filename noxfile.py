@@ -155,7 +155,7 @@ def _check_dists(dist: Path) -> Path:
 def package(session: nox.Session) -> None:
     """Build wheel and sdist, check their contents, install the wheel with its extras in this
     fresh venv (torch first) and run the demo and the README's core snippet outside the checkout."""
-    dist = Path(session.create_tmp()) / "dist"
+    dist = Path(session.create_tmp()).resolve() / "dist"
     shutil.rmtree(dist, ignore_errors=True)
     session.install("build>=1")
     session.run("python", "-m", "build", "--outdir", str(dist), ".")
@@ -166,7 +166,7 @@ def package(session: nox.Session) -> None:
     snippet = re.search(r"```python\n(.*?)```", readme, re.DOTALL)
     if snippet is None:
         raise nox.command.CommandFailed("README.md has no python block")
-    work = Path(session.create_tmp()) / "outside"
+    work = Path(session.create_tmp()).resolve() / "outside"
     work.mkdir(exist_ok=True)
     session.chdir(work)  # the installed wheel, not the checkout's src/, is imported from here
     env = dict(OFFLINE)
