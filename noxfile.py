@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -151,26 +152,47 @@ def _check_dists(dist: Path) -> Path:
     return wheel
 
 
+def _doc_install_commands(wheel: Path) -> list[list[str]]:
+    """Every distinct ``pip install`` of README.md and docs/ that works today (PyPI forms,
+    labelled 'after a release', excluded), with the README's wheel path made the built one."""
+    sys.path.insert(0, "docs")
+    try:
+        import doc_blocks
+    finally:
+        sys.path.remove("docs")
+    seen: list[list[str]] = []
+    for page in doc_blocks.pages(Path(".")):
+        for line in page.read_text(encoding="utf-8").splitlines():
+            if "after a release" in line or "once released" in line:
+                continue
+            for args in doc_blocks.install_commands(line):
+                args = [re.sub(r"^\S+\.whl", str(wheel), a) for a in args]
+                if args not in seen:
+                    seen.append(args)
+    return seen
+
+
 @nox.session(reuse_venv=False)
 def package(session: nox.Session) -> None:
-    """Build wheel and sdist, check their contents, install the wheel with its extras in this
-    fresh venv (torch first) and run the demo and the README's core snippet outside the checkout."""
+    """Build wheel and sdist and check their contents; install the wheel with its extras in
+    this fresh venv (torch first); from outside the checkout run the demo and every runnable
+    python block of README.md and docs/; then run every install line of the pages."""
+    root = Path.cwd()
     dist = Path(session.create_tmp()).resolve() / "dist"
     shutil.rmtree(dist, ignore_errors=True)
     session.install("build>=1")
     session.run("python", "-m", "build", "--outdir", str(dist), ".")
     wheel = _check_dists(dist)
     session.install(TORCH)
-    session.install(f"{wheel}[demo]")
-    readme = Path("README.md").read_text(encoding="utf-8")
-    snippet = re.search(r"```python\n(.*?)```", readme, re.DOTALL)
-    if snippet is None:
-        raise nox.command.CommandFailed("README.md has no python block")
+    session.install(f"{wheel}[all]")
     work = Path(session.create_tmp()).resolve() / "outside"
-    work.mkdir(exist_ok=True)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
     session.chdir(work)  # the installed wheel, not the checkout's src/, is imported from here
-    env = dict(OFFLINE)
     where = "import smoothguide as s; assert 'site-packages' in s.__file__, s.__file__"
-    session.run("python", "-c", where, env=env)
-    session.run("python", "-c", snippet.group(1), env=env)
-    session.run("smoothguide", "demo", "--quick", "--out", str(work / "demo"), env=env)
+    session.run("python", "-c", where, env=OFFLINE)
+    session.run("smoothguide", "demo", "--quick", "--no-progress", "--out", "demo", env=OFFLINE)
+    session.run("python", str(root / "docs" / "doc_blocks.py"), str(root), env=OFFLINE)
+    session.chdir(root)
+    for args in _doc_install_commands(wheel):
+        session.install(*args)
