@@ -58,3 +58,27 @@ def test_pareto_labels_avoid_the_legend() -> None:
     for ax in fig.axes:
         legend = ax.get_legend().get_window_extent(renderer)
         assert not any(t.get_window_extent(renderer).overlaps(legend) for t in ax.texts)
+
+
+def _result(n: int) -> dict[str, object]:
+    row = {"method": "cond: none", "fd": 4.8, "confidence": 0.9, "accuracy": 0.96}
+    row |= {"deviation": 0.0, "intensity": 0.12, "seconds": 1.0}
+    settings = {"num_samples": n, "steps": 8, "seed": 0, "seg_scale": 1.0, "layers": ["b"]}
+    settings |= {"weights_sha256": "0" * 64, "weights_steps": 1, "device": "cpu"}
+    settings |= {"torch_threads": 1}
+    reference = {"fd_real_train_vs_held_out": 4.4, "real_train_samples": n}
+    reference |= {"held_out_confidence": 0.93, "held_out_accuracy": 0.98}
+    reference |= {"held_out_intensity": 0.13}
+    return {"settings": settings, "reference": reference, "methods": [row], "seconds_total": 1}
+
+
+def test_real_digit_row_is_a_floor_only_with_enough_samples() -> None:
+    from smoothguide.demo.run import FLOOR_MIN_SAMPLES, format_table
+
+    small = format_table(_result(30))
+    assert "| real: 30 train vs held-out (no floor: too few) |" in small
+    assert "biased upwards" in small
+    big = format_table(_result(FLOOR_MIN_SAMPLES))
+    assert f"| real: {FLOOR_MIN_SAMPLES} train vs held-out |" in big
+    assert "no floor" not in big
+    assert "biased" not in big
