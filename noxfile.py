@@ -153,23 +153,32 @@ def _check_dists(dist: Path) -> Path:
 
 
 def _doc_install_commands(wheel: Path) -> list[list[str]]:
-    """Every distinct ``pip install`` of README.md and docs/ that works today (PyPI forms,
-    labelled 'after a release', excluded), with the README's wheel path made the built one."""
+    """The ``pip install`` commands of README.md and docs/ that must work today (PyPI forms,
+    labelled 'after a release', excluded), the README's wheel path made the built wheel.
+
+    The checkout's (``.[...]``) and the wheel's targets are merged into one install each with
+    the union of their extras: every line's requirements are then a subset of an installed,
+    consistent set, at the cost of one build instead of one per line.
+    """
     sys.path.insert(0, "docs")
     try:
         import doc_blocks
     finally:
         sys.path.remove("docs")
-    seen: list[list[str]] = []
+    plain: list[str] = []
+    extras: dict[str, set[str]] = {".": set(), str(wheel): set()}
     for page in doc_blocks.pages(Path(".")):
         for line in page.read_text(encoding="utf-8").splitlines():
             if "after a release" in line or "once released" in line:
                 continue
-            for args in doc_blocks.install_commands(line):
-                args = [re.sub(r"^\S+\.whl", str(wheel), a) for a in args]
-                if args not in seen:
-                    seen.append(args)
-    return seen
+            for arg in (a for args in doc_blocks.install_commands(line) for a in args):
+                m = re.fullmatch(r"(\.|\S+\.whl)(?:\[([\w,]+)\])?", arg)
+                if m is None:
+                    plain += [] if arg in plain else [arg]
+                else:
+                    extras["." if m[1] == "." else str(wheel)] |= set((m[2] or "").split(","))
+    merged = [f"{t}[{','.join(sorted(e - {''}))}]" if e - {""} else t for t, e in extras.items()]
+    return [[a] for a in plain] + [[t] for t in merged]
 
 
 @nox.session(reuse_venv=False)

@@ -97,7 +97,8 @@ def main(argv: list[str]) -> int:
         for page in pages(root):
             n = run_page(page, scratch)
             total += n
-            print(f"{page.relative_to(root)}: {n} block(s) ran")
+            if n:
+                print(f"{page.relative_to(root)}: {n} block(s) ran")
     print(f"{total} python blocks ran")
     return 0
 
