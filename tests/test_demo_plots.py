@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("matplotlib")
 
-from smoothguide.demo.plots import PARETO_FONT, _pareto_figure  # noqa: E402
+from smoothguide.demo.plots import PARETO_FONT, _pareto_figure
 
 
 def _pt(dev: float, fd: float, conf: float, label: str) -> dict[str, object]:
