@@ -82,3 +82,23 @@ def test_real_digit_row_is_a_floor_only_with_enough_samples() -> None:
     assert f"| real: {FLOOR_MIN_SAMPLES} train vs held-out |" in big
     assert "no floor" not in big
     assert "biased" not in big
+
+
+def test_readme_table_is_the_demo_table() -> None:
+    # the README shows metrics.md's table of the default run: its header, every method row
+    # of the default demo in order, then the real-digit row
+    from pathlib import Path
+
+    from smoothguide.demo.run import DemoSettings, format_table, methods
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    header = next(ln for ln in format_table(_result(200)).splitlines() if ln.startswith("| method"))
+    lines = readme.splitlines()
+    start = lines.index(header)
+    rows = []
+    for ln in lines[start + 2 :]:
+        if not ln.startswith("|"):
+            break
+        rows.append(ln.split("|")[1].strip())
+    assert rows[:-1] == [m.name for m in methods(DemoSettings())]
+    assert rows[-1] == "real: 200 train vs held-out"
