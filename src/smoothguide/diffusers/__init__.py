@@ -1,6 +1,7 @@
 """diffusers adapter: SEG and PAG for diffusers models and pipelines.
 
-Needs the ``diffusers`` extra (``pip install 'smoothguide[diffusers]'``).
+Needs the ``diffusers`` extra: PyTorch first, then ``pip install ".[diffusers]"`` from a
+checkout (``pip install "smoothguide[diffusers]"`` once released on PyPI).
 
 - :func:`patcher_for`: an :class:`~smoothguide.torch.AttentionPatcher` for a
   diffusers model, via its registered :class:`ModelFamily`

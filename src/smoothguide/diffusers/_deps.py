@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from .._extras import missing_extra
+
 try:
     import diffusers
 except ImportError as exc:  # pragma: no cover - exercised only without diffusers
-    raise ImportError(
-        "smoothguide.diffusers needs diffusers: pip install 'smoothguide[diffusers]'"
-    ) from exc
+    raise missing_extra("smoothguide.diffusers", "diffusers", "diffusers") from exc
 
 __all__ = ["diffusers"]

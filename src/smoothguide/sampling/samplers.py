@@ -316,7 +316,7 @@ def _progress_bar(progress: bool | None, total: int, desc: str) -> Any:
     if importlib.util.find_spec("tqdm") is None:
         if progress:
             raise ImportError(
-                "progress=True needs tqdm: pip install tqdm (or smoothguide[torch]), "
+                "progress=True needs tqdm: pip install tqdm (part of the torch extra), "
                 "or pass progress=False"
             )
         return None

@@ -1,6 +1,7 @@
 """PyTorch adapter: fast query smoothing and attention patching of any ``torch.nn.Module``.
 
-Needs the ``torch`` extra (``pip install 'smoothguide[torch]'``).
+Needs the ``torch`` extra: PyTorch first, then ``pip install ".[torch]"`` from a checkout
+(``pip install "smoothguide[torch]"`` once released on PyPI).
 
 - :func:`smooth_queries`: torch fast path of :func:`smoothguide.smooth_queries`.
 - :class:`AttentionPatcher`: the :class:`smoothguide.branches.Perturber` for torch

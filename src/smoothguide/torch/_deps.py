@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from .._extras import missing_extra
+
 try:
     import torch
 except ImportError as exc:  # pragma: no cover - exercised only without torch
-    raise ImportError("smoothguide.torch needs PyTorch: pip install 'smoothguide[torch]'") from exc
+    raise missing_extra("smoothguide.torch", "torch", "torch") from exc
 
 __all__ = ["torch"]
