@@ -23,6 +23,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..grid import TokenGrid
 from ..perturbations import IdentityAttention, LayerSelection, Perturbation, QuerySmoothing
+from . import dispatch as _dispatch
 from ._deps import torch
 from .layouts import Geometry, GeometryFn, LayerSpec, image_geometry
 from .smoothing import smooth_queries
@@ -104,6 +105,11 @@ class _SDPAMode(TorchFunctionMode):
         super().__init__()
         self.patcher, self.name, self.entries = patcher, name, entries
         self.calls = 0
+        self.bypass = 0  # > 0 while a diffusers backend call is handled (see dispatch.py)
+
+    def dispatch(self, backend: str, fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+        """A diffusers ``dispatch_attention_fn`` backend call made inside this layer."""
+        return _dispatch.perturbed_call(self, backend, fn, kwargs)
 
     def __torch_function__(
         self,
@@ -113,7 +119,7 @@ class _SDPAMode(TorchFunctionMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
-        if func is _SDPA:
+        if func is _SDPA and not self.bypass:
             q, k, *_ = _split_sdpa_args(args, kwargs)
             # Only self (or joint) attention: keys are the queries' own tokens. A second
             # SDPA call of the same module against other tokens (an IP-Adapter's image
@@ -425,7 +431,7 @@ class AttentionPatcher:
         entry.model_calls = 1 if local.calls else 0
         marks = (len(local.pushed), len(local.calls))
         failed = False
-        with self.attached():
+        with self.attached(), _dispatch.intercepting():
             local.active.append(entry)
             try:
                 with self._lock:
@@ -521,6 +527,8 @@ class AttentionPatcher:
             local = self._local
             entries = [e for e in local.active if name in e.layers]
             mode = _SDPAMode(self, name, entries) if entries else None
+            if mode is not None:
+                _dispatch.refresh()  # wrap diffusers backends registered since entering
             for entry in entries:
                 entry.ran.add(name)
             local.modes.setdefault(name, []).append(mode)
@@ -547,9 +555,11 @@ class AttentionPatcher:
                     f"attention layer {name!r} ({type(mod).__name__}"
                     + (f", processor {processor.__name__}" if processor else "")
                     + ") ran without a self-attention call of "
-                    "torch.nn.functional.scaled_dot_product_attention (keys as many as queries), "
-                    "so the perturbation could not be applied; use an SDPA-based attention "
-                    "processor/backend (e.g. diffusers' AttnProcessor2_0 or the native backend)"
+                    "torch.nn.functional.scaled_dot_product_attention (keys as many as queries) "
+                    "or of a diffusers dispatch_attention_fn backend, so the perturbation could not be applied; "
+                    "use a processor that calls one of them (e.g. diffusers' AttnProcessor2_0, "
+                    "or any set_attention_backend backend), not one that calls a kernel "
+                    "directly (XFormersAttnProcessor, AttnProcessor)"
                 )
 
         self._layer_handles[name] = [
@@ -583,8 +593,14 @@ class AttentionPatcher:
         return call.grids[key], geometry
 
     def _attend(
-        self, name: str, entries: list[_Entry], args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        name: str,
+        entries: list[_Entry],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        attend: Callable[..., torch.Tensor] = _SDPA,
     ) -> torch.Tensor:
+        """Perturbed ``attend(q, k, v, *rest)`` (default torch SDPA; q: ``(A, ..., N, d)``)."""
         q, k, v, rest, rest_kwargs = _split_sdpa_args(args, kwargs)
         if q.ndim < 3:
             raise RuntimeError(
@@ -616,7 +632,7 @@ class AttentionPatcher:
                     q.index_select(0, ix), grid, p.sigma, radius=p.radius, mode=p.mode
                 )
                 q = q.index_copy(0, ix, blurred)
-        out = _SDPA(q, k, v, *rest, **rest_kwargs)
+        out = attend(q, k, v, *rest, **rest_kwargs)
         for entry in entries:
             if isinstance(entry.perturbation, IdentityAttention):
                 if v.shape[:-1] != q.shape[:-1] or out.shape != v.shape:
