@@ -30,6 +30,8 @@ from typing import Any, Protocol
 
 from torch.overrides import _get_current_function_mode_stack
 
+from ._deps import torch
+
 __all__ = ["DispatchHandler", "intercepting", "perturbed_call", "refresh"]
 
 _WRAPPED = "__smoothguide_backend__"
@@ -67,7 +69,8 @@ def _handler() -> DispatchHandler | None:
 def _wrap(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def backend(*args: Any, **kwargs: Any) -> Any:
-        handler = _handler()
+        # Traced code (torch.compile) never sees per-context wrappers: see compile.py.
+        handler = None if torch.compiler.is_compiling() else _handler()
         if handler is None or args:  # diffusers calls backends with keywords only
             return fn(*args, **kwargs)
         return handler.dispatch(name, fn, kwargs)

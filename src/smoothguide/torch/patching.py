@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..grid import TokenGrid
 from ..perturbations import IdentityAttention, LayerSelection, Perturbation, QuerySmoothing
+from . import compile as _compile
 from . import dispatch as _dispatch
 from ._deps import torch
 from .layouts import Geometry, GeometryFn, LayerSpec, image_geometry
@@ -431,7 +432,9 @@ class AttentionPatcher:
         entry.model_calls = 1 if local.calls else 0
         marks = (len(local.pushed), len(local.calls))
         failed = False
-        with self.attached(), _dispatch.intercepting():
+        # Under compilable() the traced wrappers of compile.py stand in for these.
+        eager = nullcontext() if _compile.is_static(self) is not None else None
+        with self.attached(), eager or _dispatch.intercepting():
             local.active.append(entry)
             try:
                 with self._lock:
@@ -518,6 +521,14 @@ class AttentionPatcher:
             calls.pop()
 
     def _hook_layer(self, name: str) -> None:
+        static = _compile.is_static(self)
+        if static is not None:  # compilable(): the traced hooks and ops do the work
+            if name not in static:
+                raise ValueError(
+                    f"layer {name!r} is not among the layers made compile-friendly by "
+                    f"compilable(patcher, layers=...): {sorted(static)}"
+                )
+            return
         self._layer_refs[name] = self._layer_refs.get(name, 0) + 1
         if self._layer_refs[name] > 1:
             return
@@ -568,6 +579,8 @@ class AttentionPatcher:
         ]
 
     def _unhook_layer(self, name: str) -> None:
+        if name not in self._layer_refs:  # never hooked (compilable(), or a failed entry)
+            return
         self._layer_refs[name] -= 1
         if self._layer_refs[name] == 0:
             del self._layer_refs[name]
