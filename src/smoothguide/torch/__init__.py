@@ -5,6 +5,7 @@ Needs the ``torch`` extra (``pip install 'smoothguide[torch]'``).
 - :func:`smooth_queries`: torch fast path of :func:`smoothguide.smooth_queries`.
 - :class:`AttentionPatcher`: the :class:`smoothguide.branches.Perturber` for torch
   models: SEG (query smoothing) and PAG (identity attention) on chosen layers and rows.
+- :func:`compilable`: SEG and PAG in ``torch.compile``d models without recompilation.
 - :class:`Geometry`, :func:`image_geometry`, :class:`LayerSpec`, :class:`ImageTokens`,
   :class:`JointTokens`: where each layer's token grid comes from.
 """
@@ -21,6 +22,7 @@ from .layouts import (
     TokenLayout,
     image_geometry,
 )
+from .compile import compilable
 from .patching import AttentionPatcher, LayerSource
 from .smoothing import smooth_queries
 
@@ -33,6 +35,7 @@ __all__ = [
     "LayerSource",
     "LayerSpec",
     "TokenLayout",
+    "compilable",
     "image_geometry",
     "smooth_queries",
 ]

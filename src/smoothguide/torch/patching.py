@@ -455,7 +455,9 @@ class AttentionPatcher:
                         f"none of the selected layers {sorted(layers)} ran in the "
                         f"{entry.model_calls} forward call(s) of {type(self.model).__name__} made "
                         f"inside perturb(), so {perturbation} had no effect; select layers on the "
-                        "path the model takes"
+                        "path the model takes (a torch.compile'd model or block never runs hooks "
+                        "added after it was compiled: enter smoothguide.torch.compilable(patcher) "
+                        "before compiling)"
                     )
 
     def _drop_leftovers(self, pushed: int = 0, calls: int = 0) -> None:
@@ -535,6 +537,12 @@ class AttentionPatcher:
         module = self._modules[name]
 
         def pre(mod: torch.nn.Module, args: tuple[Any, ...]) -> None:
+            if torch.compiler.is_compiling():
+                raise RuntimeError(
+                    f"attention layer {name!r} is being compiled by torch.compile inside "
+                    "perturb(); the per-context hooks cannot be traced. Enter "
+                    "smoothguide.torch.compilable(patcher) before compiling the model"
+                )
             local = self._local
             entries = [e for e in local.active if name in e.layers]
             mode = _SDPAMode(self, name, entries) if entries else None
