@@ -15,8 +15,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from test_diffusers_transformers import inputs, make_flux, make_sd3  # noqa: E402
-from test_half_precision_backends import branches, cast, errors  # noqa: E402
+from test_diffusers_transformers import inputs, make_flux, make_sd3
+from test_half_precision_backends import branches, cast, errors
 
 
 def main() -> None:

@@ -18,14 +18,13 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+from smoothguide import IdentityAttention, QuerySmoothing, TokenGrid  # noqa: E402
+from smoothguide.diffusers import patcher_for  # noqa: E402
+from smoothguide.torch import smooth_queries  # noqa: E402
 from test_diffusers_transformers import inputs, make_flux, make_sd3, run  # noqa: E402
 from test_diffusers_unet import inputs as unet_inputs  # noqa: E402
 from test_diffusers_unet import run as unet_run  # noqa: E402
 from test_diffusers_unet import tiny_unet  # noqa: E402
-
-from smoothguide import IdentityAttention, QuerySmoothing, TokenGrid  # noqa: E402
-from smoothguide.diffusers import patcher_for  # noqa: E402
-from smoothguide.torch import smooth_queries  # noqa: E402
 
 HALF = (torch.bfloat16, torch.float16)
 #: SEG/PAG in half precision may be this many times as far from float32 as plain inference.

@@ -28,15 +28,14 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-import torch._dynamo  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
 from smoothguide import IdentityAttention, QuerySmoothing  # noqa: E402
 from smoothguide.diffusers import patcher_for  # noqa: E402
 from smoothguide.torch import compilable  # noqa: E402
-
-from test_diffusers_transformers import inputs, run  # noqa: E402,I001
-from test_diffusers_unet import inputs as unet_inputs, tiny_unet  # noqa: E402
+from test_diffusers_transformers import inputs, run  # noqa: E402
+from test_diffusers_unet import inputs as unet_inputs  # noqa: E402
+from test_diffusers_unet import tiny_unet  # noqa: E402
 
 # inductor's first import touches deprecated torch.jit APIs
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:torch.*")
@@ -52,7 +51,7 @@ def _one_thread() -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo() -> Iterator[None]:
-    torch._dynamo.reset()
+    torch._dynamo.reset()  # type: ignore[attr-defined]
     counters.clear()
     yield
     torch._dynamo.reset()
@@ -194,3 +193,67 @@ def test_unet_compiled(how: str) -> None:
     kw = unet_kwargs()
     layer = "up_blocks.1.attentions.0.transformer_blocks.0.attn1"
     check(unet, kw, compiler(how, "unet"), layer, ([2], [1]))
+
+
+# ------------------------------------------------------------- errors and restoring
+class _Attn(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)
+        return torch.nn.functional.scaled_dot_product_attention(x, x, x)
+
+
+class _Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = _Attn(), _Attn()
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(img.flatten(2).transpose(1, 2)))
+
+
+def _net() -> tuple[torch.nn.Module, torch.Tensor, Any]:
+    from smoothguide.torch import AttentionPatcher
+
+    torch.manual_seed(0)
+    net = _Net().eval()
+    return net, torch.randn(2, 4, 3, 5), AttentionPatcher(net, layers=_Attn)
+
+
+def test_compiled_without_compilable_raises_naming_the_fix() -> None:
+    net, x, p = _net()
+    compiled = torch.compile(net, backend="aot_eager")
+    with torch.no_grad():
+        compiled(x)  # compiled without hooks: later per-context hooks are never run
+        with (
+            pytest.raises(RuntimeError, match=r"torch.compile'd.*compilable\(patcher\)"),
+            p.perturb(QuerySmoothing(1.0), rows=[1]),
+        ):
+            compiled(x)
+
+
+def test_compilable_layer_choice_nesting_and_restoring() -> None:
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry as registry
+
+    net, x, p = _net()
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    backends = dict(registry._backends)
+    with compilable(p, layers=["a"]):
+        assert torch.nn.functional.scaled_dot_product_attention is not sdpa
+        with (
+            pytest.raises(ValueError, match=r"'b' is not among .*compilable.*\['a'\]"),
+            p.perturb(QuerySmoothing(1.0, layers="b"), rows=[1]),
+        ):
+            net(x)
+        with pytest.raises(RuntimeError, match="already active"), compilable(p):
+            pass
+        with torch.no_grad(), p.perturb(QuerySmoothing(math.inf, layers="a"), rows=[1]):
+            out = net(x)
+    with torch.no_grad(), p.perturb(QuerySmoothing(math.inf, layers="a"), rows=[1]):
+        assert torch.equal(net(x), out)  # eager path, same result
+    assert torch.nn.functional.scaled_dot_product_attention is sdpa
+    assert registry._backends == backends
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in net.modules())

@@ -13,6 +13,7 @@ Needs the ``torch`` extra (``pip install 'smoothguide[torch]'``).
 from __future__ import annotations
 
 from ._deps import torch as _torch  # noqa: F401  (fails early, naming the extra)
+from .compile import compilable
 from .layouts import (
     Geometry,
     GeometryFn,
@@ -22,7 +23,6 @@ from .layouts import (
     TokenLayout,
     image_geometry,
 )
-from .compile import compilable
 from .patching import AttentionPatcher, LayerSource
 from .smoothing import smooth_queries
 

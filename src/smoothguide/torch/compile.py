@@ -55,9 +55,7 @@ _current = _Current()
 _lock = threading.RLock()
 _slots: dict[int, tuple[weakref.ref[AttentionPatcher], str]] = {}
 _ids = itertools.count(1)
-_static: weakref.WeakKeyDictionary[AttentionPatcher, dict[str, int]] = (
-    weakref.WeakKeyDictionary()
-)
+_static: weakref.WeakKeyDictionary[AttentionPatcher, dict[str, int]] = weakref.WeakKeyDictionary()
 _installs = 0
 _sdpa: Callable[..., torch.Tensor] | None = None
 
@@ -178,7 +176,7 @@ def _uninstall() -> None:
     if _installs > 0:
         return
     if _F.scaled_dot_product_attention is _scaled_dot_product_attention:
-        _F.scaled_dot_product_attention = _sdpa
+        _F.scaled_dot_product_attention = _sdpa  # type: ignore[assignment]
     _sdpa = None
     registry = _dispatch._registry()
     if registry is not None:

@@ -33,6 +33,12 @@ __all__ = ["AttentionPatcher", "LayerSource"]
 
 _SDPA = torch._C._nn.scaled_dot_product_attention
 
+_COMPILE_ERROR = (
+    "attention layer {name!r} is being compiled by torch.compile inside perturb(); the "
+    "per-context hooks cannot be traced. Enter smoothguide.torch.compilable(patcher) before "
+    "compiling the model (or its blocks), and keep it entered while the compiled model runs"
+)
+
 #: What ``AttentionPatcher(layers=...)`` accepts: exact module names, a module
 #: class (or tuple of classes), a predicate ``(name, module) -> bool``, or a
 #: mapping from module name to :class:`LayerSpec`.
@@ -538,11 +544,7 @@ class AttentionPatcher:
 
         def pre(mod: torch.nn.Module, args: tuple[Any, ...]) -> None:
             if torch.compiler.is_compiling():
-                raise RuntimeError(
-                    f"attention layer {name!r} is being compiled by torch.compile inside "
-                    "perturb(); the per-context hooks cannot be traced. Enter "
-                    "smoothguide.torch.compilable(patcher) before compiling the model"
-                )
+                raise RuntimeError(_COMPILE_ERROR.format(name=name))
             local = self._local
             entries = [e for e in local.active if name in e.layers]
             mode = _SDPAMode(self, name, entries) if entries else None
@@ -575,7 +577,8 @@ class AttentionPatcher:
                     + (f", processor {processor.__name__}" if processor else "")
                     + ") ran without a self-attention call of "
                     "torch.nn.functional.scaled_dot_product_attention (keys as many as queries) "
-                    "or of a diffusers dispatch_attention_fn backend, so the perturbation could not be applied; "
+                    "or of a diffusers dispatch_attention_fn backend, so the perturbation could "
+                    "not be applied; "
                     "use a processor that calls one of them (e.g. diffusers' AttnProcessor2_0, "
                     "or any set_attention_backend backend), not one that calls a kernel "
                     "directly (XFormersAttnProcessor, AttnProcessor)"
@@ -613,6 +616,8 @@ class AttentionPatcher:
                 raise ValueError(f"attention layer {name!r}: {exc}") from exc
         return call.grids[key], geometry
 
+    # Eager only: under torch.compile it runs as is (a graph break), never traced frame by frame.
+    @torch.compiler.disable
     def _attend(
         self,
         name: str,
