@@ -61,7 +61,28 @@ _sdpa: Callable[..., torch.Tensor] | None = None
 
 
 def is_static(patcher: AttentionPatcher) -> frozenset[str] | None:
-    """The layers made compile-friendly by an active :func:`compilable` of ``patcher``, or None."""
+    """The layers made compile-friendly by an active :func:`compilable` of ``patcher``.
+
+    Parameters
+    ----------
+    patcher
+        An :class:`~smoothguide.torch.AttentionPatcher`.
+
+    Returns
+    -------
+    frozenset of str or None
+        The layer names, or ``None`` outside :func:`compilable`.
+
+    Examples
+    --------
+    >>> from smoothguide.torch import AttentionPatcher
+    >>> patcher = AttentionPatcher(torch.nn.Sequential(torch.nn.Identity()), layers=["0"])
+    >>> is_static(patcher) is None
+    True
+    >>> with compilable(patcher):
+    ...     sorted(is_static(patcher))
+    ['0']
+    """
     layers = _static.get(patcher)
     return None if layers is None else frozenset(layers)
 
@@ -215,6 +236,15 @@ def compilable(patcher: AttentionPatcher, layers: LayerSelection = None) -> Iter
         The layers that perturbations inside the context may select (presets or names,
         as in :meth:`AttentionPatcher.resolve`); default every layer of the patcher.
         Each pays one copy of its query and output per call (see the module docs).
+
+    Yields
+    ------
+    None
+
+    Raises
+    ------
+    RuntimeError
+        If a :func:`compilable` of the same patcher is already active.
 
     Examples
     --------

@@ -32,7 +32,7 @@ from torch.overrides import _get_current_function_mode_stack
 
 from ._deps import torch
 
-__all__ = ["DispatchHandler", "intercepting", "perturbed_call", "refresh"]
+__all__ = ["DispatchHandler", "intercepting"]
 
 _WRAPPED = "__smoothguide_backend__"
 
@@ -106,7 +106,24 @@ def _unwrap() -> None:
 
 @contextmanager
 def intercepting() -> Iterator[None]:
-    """Keep diffusers' registered attention backends wrapped for the context (reference counted)."""
+    """Keep diffusers' registered attention backends wrapped for the context (reference counted).
+
+    :meth:`AttentionPatcher.perturb <smoothguide.torch.AttentionPatcher.perturb>` enters it;
+    outside a perturbed layer the wrappers call the backend unchanged.
+
+    Yields
+    ------
+    None
+
+    Examples
+    --------
+    >>> from diffusers.models.attention_dispatch import _AttentionBackendRegistry as registry
+    >>> before = dict(registry._backends)
+    >>> with intercepting():
+    ...     wrapped = registry._backends["native"] is not before["native"]
+    >>> wrapped, registry._backends == before
+    (True, True)
+    """
     global _users
     with _lock:
         _users += 1
