@@ -5,7 +5,7 @@ Needs the ``torch`` extra (``pip install 'smoothguide[torch]'``).
 - :func:`smooth_queries`: torch fast path of :func:`smoothguide.smooth_queries`.
 - :class:`AttentionPatcher`: the :class:`smoothguide.branches.Perturber` for torch
   models: SEG (query smoothing) and PAG (identity attention) on chosen layers and rows.
-- :func:`compilable`: SEG and PAG in ``torch.compile``d models without recompilation.
+- :func:`compilable`: SEG and PAG in models compiled with ``torch.compile``, without recompilation.
 - :class:`Geometry`, :func:`image_geometry`, :class:`LayerSpec`, :class:`ImageTokens`,
   :class:`JointTokens`: where each layer's token grid comes from.
 """

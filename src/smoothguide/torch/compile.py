@@ -45,7 +45,7 @@ _WRAPPED = "__smoothguide_static_backend__"
 _F = torch.nn.functional
 
 
-class _Current:
+class _Current(threading.local):
     """The slot of the chosen layer running now (set and cleared by traced hooks)."""
 
     slot: torch.Tensor | None = None
@@ -221,7 +221,7 @@ def _reset(module: torch.nn.Module, args: Any) -> None:
 
 @contextmanager
 def compilable(patcher: AttentionPatcher, layers: LayerSelection = None) -> Iterator[None]:
-    """Make ``patcher``'s perturbations work, without recompiling, in ``torch.compile``d models.
+    """Make the perturbations of ``patcher`` work in models compiled with ``torch.compile``.
 
     Enter it *before* the model (or its blocks) is compiled or first called compiled,
     and keep it entered while the compiled model is used; ``patcher.perturb`` then

@@ -8,6 +8,10 @@ runs, a :class:`torch.overrides.TorchFunctionMode` intercepts
 on the very tensors that enter ``softmax(Q Kᵀ / √d) V``: queries after any
 QK-norm and rotary embedding, for whichever processor (IP-Adapter, LoRA,
 custom) computes them. Hooks are removed on exit, also after an exception.
+Attention computed by a diffusers ``dispatch_attention_fn`` backend (flash, sage,
+flex, ...) is perturbed the same way (:mod:`smoothguide.torch.dispatch`);
+models compiled with ``torch.compile`` need :func:`smoothguide.torch.compilable`
+(:mod:`smoothguide.torch.compile`).
 """
 
 from __future__ import annotations
@@ -438,9 +442,9 @@ class AttentionPatcher:
         entry.model_calls = 1 if local.calls else 0
         marks = (len(local.pushed), len(local.calls))
         failed = False
-        # Under compilable() the traced wrappers of compile.py stand in for these.
-        eager = nullcontext() if _compile.is_static(self) is not None else None
-        with self.attached(), eager or _dispatch.intercepting():
+        # Under compilable() the traced wrappers of compile.py stand in for the eager ones.
+        static = _compile.is_static(self) is not None
+        with self.attached(), nullcontext() if static else _dispatch.intercepting():
             local.active.append(entry)
             try:
                 with self._lock:
