@@ -265,3 +265,26 @@ def test_sd3_and_unet_under_any_selected_backend(backend: str) -> None:
             useg = unet_run(unet, x, t, ehs)
     assert_close(seg, want)
     torch.testing.assert_close(useg, unet_run(ref_unet, x, t, ehs), rtol=1e-4, atol=1e-5)
+
+
+def test_other_thread_calls_the_wrapped_backend_unperturbed(flux: torch.nn.Module) -> None:
+    import threading
+
+    register_hand()
+    model = copy.deepcopy(flux)
+    kw = inputs("flux", model, 3, SIZE)
+    plain = run(model, kw)
+    p = patcher_for(model)
+    seen: dict[str, torch.Tensor] = {}
+
+    def other() -> None:
+        assert hasattr(Registry._backends[Name.NATIVE], "__smoothguide_backend__")  # wrapped
+        seen["out"] = run(model, kw)
+
+    with p.perturb(QuerySmoothing(math.inf, layers=p.layers), rows=[1]):
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+        seg = run(model, kw)
+    assert torch.equal(seen["out"], plain)
+    assert not torch.equal(seg[1], plain[1])
