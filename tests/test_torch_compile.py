@@ -13,7 +13,7 @@ Inductor's C++ code generation costs minutes on a loaded 2-core CI machine (cold
 Flux runs through inductor and the other five through ``aot_eager`` (the same dynamo
 tracing, guards and AOTAutograd functionalisation of the custom ops, without code
 generation). ``SMOOTHGUIDE_COMPILE_INDUCTOR=1`` runs all six with inductor (all pass;
-8.4 min on the shared machine at load 13, cold cache).
+5.3 min on the shared machine at load 5, cold inductor cache).
 """
 
 from __future__ import annotations
