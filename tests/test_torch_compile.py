@@ -8,9 +8,9 @@ hand-written references in ``test_diffusers_*``). After warm-up (a plain and a S
 call), σ of a sweep, SEG / PAG / plain, other rows and other layers must not add a
 graph: ``torch._dynamo.utils.counters["stats"]["unique_graphs"]`` stays put.
 
-Inductor's C++ code generation costs minutes on a loaded 2-core CI machine (cold cache:
-100 s for the first, regional Flux test, 52 s more for whole-model Flux), so regional
-Flux runs through inductor and the other five through ``aot_eager`` (the same dynamo
+Inductor's C++ code generation is slow on a 2-core CI machine (cold cache: 42-100 s for
+the first, regional Flux test, 38-52 s more for whole-model Flux, depending on load), so
+regional Flux runs through inductor and the other five through ``aot_eager`` (the same dynamo
 tracing, guards and AOTAutograd functionalisation of the custom ops, without code
 generation). ``SMOOTHGUIDE_COMPILE_INDUCTOR=1`` runs all six with inductor (all pass;
 5.3 min on the shared machine at load 5, cold inductor cache).
