@@ -573,4 +573,19 @@ def render(
         parts += ["## 3. Peak memory", "", _memory(memory, rel("memory")), ""]
     if scaling is not None:
         parts += ["## 4. Scaling with the grid", "", _scaling(scaling, rel("scaling")), ""]
+    parts += [GPU_SECTION, ""]
     return "\n".join(parts).rstrip() + "\n"
+
+
+#: Not produced by a run: what a GPU session runs (benchmarks/gpu_backends.py, issue 14).
+GPU_SECTION = """## 6. GPU: not yet measured on a GPU
+
+No GPU was available to these runs. `benchmarks/gpu_backends.py` is the prepared check
+(about 2-4 minutes on one CUDA device): SEG and PAG on one attention layer under torch's
+flash / efficient / cuDNN / math SDPA kernels and every usable diffusers backend (native,
+cuDNN, flash, flex, sage, xformers, ...) against the float32 math reference; the blur
+share of an attention call and the SEG layer ratio at SDXL-mid, SD3.5 and Flux shapes at
+1024² in bf16; the SEG step ratio of a real-width Flux transformer (2 + 2 blocks), eager
+and with `compilable` + `compile_repeated_blocks`, with the graph count before and after a
+σ sweep. Run `HF_HUB_OFFLINE=1 python benchmarks/gpu_backends.py` and paste its tables
+here (`--device cpu --tiny` is a smoke test)."""

@@ -6,6 +6,7 @@ Needs the ``torch`` extra: PyTorch first, then ``pip install ".[torch]"`` from a
 - :func:`smooth_queries`: torch fast path of :func:`smoothguide.smooth_queries`.
 - :class:`AttentionPatcher`: the :class:`smoothguide.branches.Perturber` for torch
   models: SEG (query smoothing) and PAG (identity attention) on chosen layers and rows.
+- :func:`compilable`: SEG and PAG in models compiled with ``torch.compile``, without recompilation.
 - :class:`Geometry`, :func:`image_geometry`, :class:`LayerSpec`, :class:`ImageTokens`,
   :class:`JointTokens`: where each layer's token grid comes from.
 - :func:`register_perturbation`: run further perturbation kinds through the patcher
@@ -16,6 +17,7 @@ Needs the ``torch`` extra: PyTorch first, then ``pip install ".[torch]"`` from a
 from __future__ import annotations
 
 from ._deps import torch as _torch  # noqa: F401  (fails early, naming the extra)
+from .compile import compilable
 from .layouts import (
     Geometry,
     GeometryFn,
@@ -41,6 +43,7 @@ __all__ = [
     "LayerSource",
     "LayerSpec",
     "TokenLayout",
+    "compilable",
     "image_geometry",
     "register_perturbation",
     "smooth_queries",

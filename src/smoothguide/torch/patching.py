@@ -8,6 +8,10 @@ runs, a :class:`torch.overrides.TorchFunctionMode` intercepts
 on the very tensors that enter ``softmax(Q Kᵀ / √d) V``: queries after any
 QK-norm and rotary embedding, for whichever processor (IP-Adapter, LoRA,
 custom) computes them. Hooks are removed on exit, also after an exception.
+Attention computed by a diffusers ``dispatch_attention_fn`` backend (flash, sage,
+flex, ...) is perturbed the same way (:mod:`smoothguide.torch.dispatch`);
+models compiled with ``torch.compile`` need :func:`smoothguide.torch.compilable`
+(:mod:`smoothguide.torch.compile`).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +27,8 @@ from torch.overrides import TorchFunctionMode
 
 from ..grid import TokenGrid
 from ..perturbations import IdentityAttention, LayerSelection, Perturbation, QuerySmoothing
+from . import compile as _compile
+from . import dispatch as _dispatch
 from ._deps import torch
 from .heads import blur_query_rows, identity_rows
 from .layouts import Geometry, GeometryFn, LayerSpec, image_geometry
@@ -30,6 +36,12 @@ from .layouts import Geometry, GeometryFn, LayerSpec, image_geometry
 __all__ = ["AttentionPatcher", "LayerSource", "register_perturbation"]
 
 _SDPA = torch._C._nn.scaled_dot_product_attention
+
+_COMPILE_ERROR = (
+    "attention layer {name!r} is being compiled by torch.compile inside perturb(); the "
+    "per-context hooks cannot be traced. Enter smoothguide.torch.compilable(patcher) before "
+    "compiling the model (or its blocks), and keep it entered while the compiled model runs"
+)
 
 #: What ``AttentionPatcher(layers=...)`` accepts: exact module names, a module
 #: class (or tuple of classes), a predicate ``(name, module) -> bool``, or a
@@ -122,6 +134,11 @@ class _SDPAMode(TorchFunctionMode):
         self.batch_rows = 0  # model rows covered so far by calls on chunks of the batch
         self.folded_calls = 0  # calls whose axis 0 folds heads (or frames) into the batch
         self.batch = 0  # the model call's batch, once a call was seen
+        self.bypass = 0  # > 0 while a diffusers backend call is handled (see dispatch.py)
+
+    def dispatch(self, backend: str, fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+        """A diffusers ``dispatch_attention_fn`` backend call made inside this layer."""
+        return _dispatch.perturbed_call(self, backend, fn, kwargs)
 
     def __torch_function__(
         self,
@@ -131,14 +148,14 @@ class _SDPAMode(TorchFunctionMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
-        if func is _SDPA:
+        if func is _SDPA and not self.bypass:
             q, k, *_ = _split_sdpa_args(args, kwargs)
             # Only self (or joint) attention: keys are the queries' own tokens. A second
             # SDPA call of the same module against other tokens (an IP-Adapter's image
             # keys in SD3/Flux joint attention) is cross-attention and stays untouched.
             if k.shape[-2] == q.shape[-2]:
                 self.calls += 1
-                return self.patcher._attend(self, args, kwargs)
+                return self.patcher._attend(self.name, self.entries, args, kwargs, rows=self)
         return func(*args, **kwargs)
 
 
@@ -496,7 +513,9 @@ class AttentionPatcher:
         entry.model_calls = 1 if local.calls else 0
         marks = (len(local.pushed), len(local.calls))
         failed = False
-        with self.attached():
+        # Under compilable() the traced wrappers of compile.py stand in for the eager ones.
+        static = _compile.is_static(self) is not None
+        with self.attached(), nullcontext() if static else _dispatch.intercepting():
             local.active.append(entry)
             _PERTURBED.entries.append(entry)
             try:
@@ -519,7 +538,9 @@ class AttentionPatcher:
                         f"none of the selected layers {sorted(layers)} ran in the "
                         f"{entry.model_calls} forward call(s) of {type(self.model).__name__} made "
                         f"inside perturb(), so {perturbation} had no effect; select layers on the "
-                        "path the model takes"
+                        "path the model takes (a torch.compile'd model or block never runs hooks "
+                        "added after it was compiled: enter smoothguide.torch.compilable(patcher) "
+                        "before compiling)"
                     )
 
     def _check_nesting(self, layers: frozenset[str]) -> frozenset[int]:
@@ -604,17 +625,29 @@ class AttentionPatcher:
             local.calls.pop()
 
     def _hook_layer(self, name: str) -> None:
+        static = _compile.is_static(self)
+        if static is not None:  # compilable(): the traced hooks and ops do the work
+            if name not in static:
+                raise ValueError(
+                    f"layer {name!r} is not among the layers made compile-friendly by "
+                    f"compilable(patcher, layers=...): {sorted(static)}"
+                )
+            return
         self._layer_refs[name] = self._layer_refs.get(name, 0) + 1
         if self._layer_refs[name] > 1:
             return
         module = self._modules[name]
 
         def pre(mod: torch.nn.Module, args: tuple[Any, ...]) -> None:
+            if torch.compiler.is_compiling():
+                raise RuntimeError(_COMPILE_ERROR.format(name=name))
             local = self._local
             if not local.attached:
                 return
             entries = [e for e in local.active if name in e.layers]
             mode = _SDPAMode(self, name, entries) if entries else None
+            if mode is not None:
+                _dispatch.refresh()  # wrap diffusers backends registered since entering
             for entry in entries:
                 entry.ran.add(name)
             local.modes.setdefault(name, []).append(mode)
@@ -649,9 +682,12 @@ class AttentionPatcher:
                     f"attention layer {name!r} ({type(mod).__name__}"
                     + (f", processor {processor.__name__}" if processor else "")
                     + ") ran without a self-attention call of "
-                    "torch.nn.functional.scaled_dot_product_attention (keys as many as queries), "
-                    "so the perturbation could not be applied; use an SDPA-based attention "
-                    "processor/backend (e.g. diffusers' AttnProcessor2_0 or the native backend)"
+                    "torch.nn.functional.scaled_dot_product_attention (keys as many as queries) "
+                    "or of a diffusers dispatch_attention_fn backend, so the perturbation could "
+                    "not be applied; "
+                    "use a processor that calls one of them (e.g. diffusers' AttnProcessor2_0, "
+                    "or any set_attention_backend backend), not one that calls a kernel "
+                    "directly (XFormersAttnProcessor, AttnProcessor)"
                 )
 
         self._layer_handles[name] = [
@@ -660,6 +696,8 @@ class AttentionPatcher:
         ]
 
     def _unhook_layer(self, name: str) -> None:
+        if name not in self._layer_refs:  # never hooked (compilable(), or a failed entry)
+            return
         self._layer_refs[name] -= 1
         if self._layer_refs[name] == 0:
             del self._layer_refs[name]
@@ -692,17 +730,29 @@ class AttentionPatcher:
                 raise ValueError(f"attention layer {name!r}: {exc}") from exc
         return call.grids[key], geometry
 
+    # Eager only: under torch.compile it runs as is (a graph break), never traced frame by frame.
+    @torch.compiler.disable
     def _attend(
-        self, mode: _SDPAMode, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        name: str,
+        entries: list[_Entry],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        attend: Callable[..., torch.Tensor] = _SDPA,
+        rows: _SDPAMode | _RowState | None = None,
     ) -> torch.Tensor:
-        name, entries = mode.name, mode.entries
+        """Perturbed ``attend(q, k, v, *rest)`` (default torch SDPA; q: ``(A, ..., N, d)``).
+
+        ``rows`` carries the row mapping across the calls of one layer forward (chunked
+        attention); ``None``: this call alone (the traced ops of ``compilable``).
+        """
         q, k, v, rest, rest_kwargs = _split_sdpa_args(args, kwargs)
         if q.ndim < 3:
             raise RuntimeError(
                 f"attention layer {name!r}: query of shape {tuple(q.shape)} has no batch axis"
             )
         grid, geometry = self._grid(name, q.shape[-2])
-        offset, ratio = _row_map(mode, q, geometry)
+        offset, ratio = _row_map(rows if rows is not None else _RowState(name), q, geometry)
 
         def index(rows: tuple[int, ...]) -> torch.Tensor | None:
             if max(rows) >= geometry.batch:
@@ -723,7 +773,7 @@ class AttentionPatcher:
                 ix = index(entry.rows)
                 if ix is not None:
                     q = blur_query_rows(name, q, ix, grid, p)
-        out = _SDPA(q, k, v, *rest, **rest_kwargs)
+        out = attend(q, k, v, *rest, **rest_kwargs)
         for entry in entries:
             p = entry.perturbation
             if isinstance(p, IdentityAttention):
@@ -733,7 +783,19 @@ class AttentionPatcher:
         return out
 
 
-def _row_map(mode: _SDPAMode, q: torch.Tensor, geometry: Geometry) -> tuple[int, int]:
+class _RowState:
+    """Row-mapping state of one attention call made outside an ``_SDPAMode``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.batch_rows = 0
+        self.folded_calls = 0
+        self.batch = 0
+
+
+def _row_map(
+    mode: _SDPAMode | _RowState, q: torch.Tensor, geometry: Geometry
+) -> tuple[int, int]:
     """``(offset, ratio)``: row ``j`` of the call's axis 0 is model row ``offset + j // ratio``.
 
     Provable cases only, else ``RuntimeError``:
