@@ -33,6 +33,7 @@ LAYERS = {
     "demo": "Embedded demo model and weights",
     "round2_core": "Round 2 (issue 13): core, rules, numerics",
     "round2_torch": "Round 2 (issue 13): torch adapter, guided denoiser, command line",
+    "round2_cli": "Round 2 (issue 13): command line and demo",
 }
 
 
