@@ -16,6 +16,7 @@ models compiled with ``torch.compile`` need :func:`smoothguide.torch.compilable`
 
 from __future__ import annotations
 
+import numbers
 import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -23,6 +24,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from torch.overrides import TorchFunctionMode
 
 from ..grid import TokenGrid
@@ -468,9 +470,12 @@ class AttentionPatcher:
             )
         if isinstance(rows, str | bytes) or not isinstance(rows, Sequence):
             raise TypeError(f"rows must be a sequence of ints, got {type(rows).__name__}")
-        checked = tuple(rows)
-        if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in checked):
+        # NumPy integers are accepted (stored as int); bools and floats are not rows.
+        if not all(
+            isinstance(r, numbers.Integral) and not isinstance(r, bool | np.bool_) for r in rows
+        ) or any(int(r) < 0 for r in rows):
             raise ValueError(f"rows must be ints >= 0, got {list(rows)}")
+        checked = tuple(int(r) for r in rows)
         if len(set(checked)) != len(checked):
             raise ValueError(f"rows must not repeat, got {list(rows)}")
         layers = frozenset(self.resolve(perturbation.layers))
