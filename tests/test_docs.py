@@ -14,6 +14,7 @@ import contextlib
 import doctest
 import importlib
 import io
+import os
 import pkgutil
 import re
 import sys
@@ -432,3 +433,22 @@ def test_missing_extra_message_says_how_to_install_once() -> None:
         assert install_problems(msg) == [], msg
         assert msg.count(TORCH_PIN) == 1
         assert msg.count(install_hint(extra)) == 1
+
+
+def test_cli_without_torch_prints_the_install_hint_once() -> None:
+    import subprocess
+
+    from smoothguide._extras import install_hint
+
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # as if torch were not installed
+        "from smoothguide.cli import main\n"
+        "sys.exit(main(['demo', '--quick']))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count(install_hint("demo")) == 1, proc.stderr
+    assert proc.stderr.count(TORCH_PIN) == 1, proc.stderr
