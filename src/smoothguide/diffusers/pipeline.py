@@ -32,6 +32,7 @@ from typing import Any
 from ..branches import Branch
 from ..rules.base import GuidanceRule, StepContext
 from ..sampling.denoiser import _batch_order
+from ..sampling.forking import plan_fork
 from ..torch import AttentionPatcher
 from ..torch._deps import torch
 from ._deps import diffusers
@@ -308,6 +309,11 @@ class GuidedPipeline:
         ``"mid"`` preset unless a perturbation names layers).
     adapter
         Default :func:`adapter_for` of ``pipe``.
+    fork
+        Fork mode (:mod:`smoothguide.torch.fork`): perturbed branches join the
+        batch at their first perturbed layer. ``None`` (default): on where the
+        model family declares it exact (UNet2DConditionModel); ``True``: on;
+        ``False``: off.
 
     Notes
     -----
@@ -332,6 +338,7 @@ class GuidedPipeline:
         *,
         patcher: AttentionPatcher | None = None,
         adapter: PipelineAdapter | None = None,
+        fork: bool | None = None,
     ) -> None:
         missing = [
             m for m in ("branches", "init_state", "combine") if not callable(getattr(rule, m, None))
@@ -361,6 +368,9 @@ class GuidedPipeline:
         self._state: Any = None
         self._positions = 0
         self._sequential: _SequentialStep | None = None
+        if fork is not None and not isinstance(fork, bool):
+            raise TypeError(f"fork must be True, False or None (automatic), got {fork!r}")
+        self.fork = fork
 
     def __repr__(self) -> str:
         return f"GuidedPipeline({type(self.pipe).__name__}, {self.rule!r})"
@@ -442,6 +452,9 @@ class GuidedPipeline:
                 "should pass"
             )
         chunk = batch // len(incoming)
+        plan = plan_fork(order, self.patcher, self.fork, chunk) if len(order) > 1 else None
+        if plan is not None:  # fork mode: perturbed branches in fork order
+            order = plan.order
         rows: list[int] = []
         for b in order:
             if b.conditioning not in incoming:
@@ -455,6 +468,8 @@ class GuidedPipeline:
         index = torch.tensor(rows, device=sample.device)
         step = _Step(order, chunk, batch, ctx, position=position)
         self._steps.append(step)
+        if plan is not None:
+            step.stack.enter_context(self.patcher.forking(plan.spec))
         for j, b in enumerate(order):
             if b.perturbation is not None:
                 span = range(j * chunk, (j + 1) * chunk)

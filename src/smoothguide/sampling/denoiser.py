@@ -21,6 +21,7 @@ import array_api_compat
 from .._array import Array, namespace
 from ..branches import Branch, Perturber
 from ..rules.base import GuidanceRule, StepContext
+from .forking import plan_fork
 
 __all__ = ["GuidedDenoiser", "SteppableDenoiser", "batch_order"]
 
@@ -109,6 +110,13 @@ class GuidedDenoiser:
         k-diffusion sampler). When set, a plain call ``guided(x, sigma)`` finds
         its step index from ``sigma``, so schedules ``on="progress"`` work with
         any sampler.
+    fork
+        Fork mode of the batched call (:mod:`smoothguide.sampling.forking`): a
+        perturbed branch joins the batch only at its first perturbed layer
+        instead of recomputing the rows it shares with its plain branch.
+        ``None`` (default): on when the perturber declares it exact for the
+        model (``fork_proven``); ``True``: on (error if the perturber cannot
+        fork); ``False``: off. Perturbed branches then come in fork order.
 
     Notes
     -----
@@ -140,6 +148,7 @@ class GuidedDenoiser:
         perturber: Perturber | None = None,
         batched: bool = True,
         sigmas: Sequence[float] | Array | None = None,
+        fork: bool | None = None,
     ) -> None:
         if not callable(model):
             raise TypeError(f"model must be callable as model(x, sigma, **cond), got {model!r}")
@@ -171,6 +180,9 @@ class GuidedDenoiser:
         self.uncond = None if uncond is None else dict(uncond)
         self.perturber = perturber
         self.batched = batched
+        if fork is not None and not isinstance(fork, bool):
+            raise TypeError(f"fork must be True, False or None (automatic), got {fork!r}")
+        self.fork = fork
         self.sigmas = None if sigmas is None else _sigma_list(sigmas, "sigmas")
         self._state: Any = rule.init_state()
         self._last_sigma: float | None = None
@@ -291,11 +303,18 @@ class GuidedDenoiser:
                     out = self.model(x, sigma, **kw)
                 outputs[b] = _check_output(out, batch, x)
             return outputs
+        # Fork mode: same rows, perturbed branches in fork order (see smoothguide.sampling.forking).
+        plan = plan_fork(order, self.perturber, self.fork, batch)
+        if plan is not None:
+            kwargs = [kwargs[order.index(b)] for b in plan.order]
+            order = plan.order
         n = len(order)
         big_x = xp.concat([x] * n, axis=0)
         big_sigma = _repeat_sigma(xp, sigma, batch, n)
         big_kw = _merge_kwargs(xp, kwargs, order, batch)
         with ExitStack() as stack:
+            if plan is not None:
+                stack.enter_context(self.perturber.forking(plan.spec))  # type: ignore[union-attr]
             for j, b in enumerate(order):
                 if b.perturbation is not None:
                     assert self.perturber is not None
