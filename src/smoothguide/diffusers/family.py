@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 from ..perturbations import LayerSelection
 from ..torch import AttentionPatcher, GeometryFn, LayerSpec, image_geometry
-from ..torch.fork import ForkPolicy
 from ..torch._deps import torch
+from ..torch.fork import ForkPolicy
 
 __all__ = [
     "ModelFamily",

@@ -25,7 +25,7 @@ from ..grid import TokenGrid
 from ..perturbations import IdentityAttention, LayerSelection, Perturbation, QuerySmoothing
 from ..sampling.forking import ForkSpec
 from ._deps import torch
-from .fork import ForkPolicy, Forker
+from .fork import Forker, ForkPolicy
 from .layouts import Geometry, GeometryFn, LayerSpec, image_geometry
 from .smoothing import smooth_queries
 
