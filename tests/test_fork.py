@@ -10,6 +10,7 @@ float32 ones ``atol = 64 eps max|ref|`` plus the same scaling.
 from __future__ import annotations
 
 import math
+from contextlib import ExitStack
 from typing import Any
 
 import pytest
@@ -513,9 +514,8 @@ def test_unet_float32_within_tolerance() -> None:
 
 transformers = pytest.importorskip("transformers")
 
-from test_diffusers_unet_pipeline import H, W, call, make_pipe, no_hooks, pipe  # noqa: E402, F401
-
 from smoothguide.diffusers import GuidedPipeline  # noqa: E402
+from test_diffusers_unet_pipeline import H, W, call, make_pipe, no_hooks, pipe  # noqa: E402, F401
 
 PIPE_CASES = [
     ("cfg+seg", SEG(3.0, sigma=10.0, cfg_scale=5.0), "a cat"),
@@ -568,3 +568,90 @@ def test_controlnet_residuals_fork_after_the_down_blocks_only() -> None:
         call(GuidedPipeline(cn, down), image=control, output_type="latent")
     assert no_hooks(cn.unet)
     assert call(GuidedPipeline(cn, down, fork=False), image=control).images.isfinite().all()
+
+
+# ------------------------------------------------------------------ transformer families
+
+from smoothguide.diffusers import patcher_for  # noqa: E402
+from smoothguide.diffusers.pipeline import _map_rows  # noqa: E402
+from smoothguide.perturbations import IdentityAttention  # noqa: E402
+from test_diffusers_transformers import MAKERS, SIZES  # noqa: E402
+from test_diffusers_transformers import inputs as transformer_inputs  # noqa: E402
+
+TRANSFORMER_CASES = [
+    ("sd3", {"seg": QuerySmoothing(2.0, layers="transformer_blocks.1.attn")}),
+    (
+        "sd3",
+        {
+            "seg": QuerySmoothing(math.inf, layers="transformer_blocks.0.attn2"),
+            "pag": IdentityAttention(layers="transformer_blocks.2.attn"),
+        },
+    ),
+    ("flux", {"seg": QuerySmoothing(2.0, layers="transformer_blocks.1.attn")}),
+    (
+        "flux",
+        {
+            "seg": QuerySmoothing(1.0, layers="single_transformer_blocks.1.attn"),
+            "pag": IdentityAttention(layers="transformer_blocks.1.attn"),
+        },
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("family", "perturbations"),
+    TRANSFORMER_CASES,
+    ids=[f"{f}-{'+'.join(p)}" for f, p in TRANSFORMER_CASES],
+)
+def test_transformer_forked_equals_unforked(family: str, perturbations: dict[str, Any]) -> None:
+    """[uncond, cond] x 2 images, perturbed branches copying cond (official) or uncond (Eq. 10)."""
+    model = MAKERS[family]()
+    patcher = patcher_for(model)
+    assert patcher.fork_proven
+    batch = 2
+    base = transformer_inputs(family, model, 2 * batch, SIZES[family])  # rows: uncond, cond
+    branches = [Branch("uncond"), Branch("cond")]
+    for i, p in enumerate(perturbations.values()):
+        branches.append(Branch("cond" if i % 2 == 0 else "uncond", p))
+    plan = plan_fork(branches, patcher, None, batch)
+    assert plan is not None
+    source = {"uncond": 0, "cond": batch}
+    rows = [source[b.conditioning] + i for b in plan.order for i in range(batch)]
+    full = _map_rows(base, 2 * batch, torch.tensor(rows))
+    outs = []
+    for fork in (False, True):
+        with torch.no_grad(), ExitStack() as stack:
+            if fork:
+                stack.enter_context(patcher.forking(plan.spec))
+            for j, b in enumerate(plan.order):
+                if b.perturbation is not None:
+                    span = range(j * batch, (j + 1) * batch)
+                    stack.enter_context(patcher.perturb(b.perturbation, span))
+            outs.append(model(**full, return_dict=False)[0])
+    close(outs[1], outs[0], ops=512)
+    # the perturbed rows really differ from their plain rows (the fork did not lose them)
+    plain_rows = outs[0][batch : 2 * batch]
+    assert float((outs[0][2 * batch : 3 * batch] - plain_rows).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("family", ["pixart", "dit", "wan"])
+def test_unforkable_families_refuse_fork_true_and_stay_unforked_by_default(family: str) -> None:
+    model = MAKERS[family]()
+    patcher = patcher_for(model)
+    assert not patcher.fork_proven
+    order = [Branch("cond"), Branch("cond", QuerySmoothing(1.0))]
+    assert plan_fork(order, patcher, None, 1) is None
+    with pytest.raises(ValueError, match="fork mode is not available"):
+        plan_fork(order, patcher, True, 1)
+
+
+def test_sd3_controlnet_residuals_refused() -> None:
+    model = MAKERS["sd3"]()
+    patcher = patcher_for(model)
+    kw = transformer_inputs("sd3", model, 1, SIZES["sd3"])
+    kw = _map_rows(kw, 1, torch.tensor([0, 0]))
+    kw["block_controlnet_hidden_states"] = [torch.zeros(2, 15, 16)]
+    spec = ForkSpec(2, 1, (("transformer_blocks.1", (0,)),))
+    with pytest.raises(ValueError, match="block_controlnet_hidden_states"):
+        with patcher.forking(spec), patcher.perturb(QuerySmoothing(1.0), [1]):
+            model(**kw)

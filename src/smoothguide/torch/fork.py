@@ -41,7 +41,7 @@ from ..sampling.forking import ForkSpec
 from ._deps import torch
 from .layouts import Geometry
 
-__all__ = ["ForkPolicy", "Forker"]
+__all__ = ["ForkPolicy", "Forker", "Unforkable"]
 
 _CONTAINERS = (torch.nn.ModuleList, torch.nn.ModuleDict)
 
@@ -62,13 +62,24 @@ class ForkPolicy:
     proven
         Whether fork mode is known to be exact for the models it serves (then
         it is on by default).
+    refuse
+        Keyword arguments of the model call that its ``forward`` combines with
+        block outputs outside a module call (ControlNet residuals of SD3 and
+        Flux): a call that passes one (not ``None``) raises ``ValueError``.
+
+    Examples
+    --------
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    >>> ForkPolicy().point(net, "0")
+    '0'
     """
 
-    def __init__(self, *, proven: bool = False) -> None:
+    def __init__(self, *, proven: bool = False, refuse: Sequence[str] = ()) -> None:
         self.proven = bool(proven)
+        self.refuse = tuple(refuse)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(proven={self.proven})"
+        return f"{type(self).__name__}(proven={self.proven}, refuse={self.refuse})"
 
     def point(self, model: torch.nn.Module, layer: str) -> str:
         """The fork point of ``layer``: its outermost non-container ancestor below ``model``."""
@@ -95,7 +106,40 @@ class ForkPolicy:
         after the ``k``-th fork point (``points`` in execution order) instead of
         the pre-fork batch. Raise ``ValueError`` for a call that cannot be forked.
         """
+        given = [k for k in self.refuse if kwargs.get(k) is not None]
+        if given:
+            raise ValueError(
+                f"fork mode cannot fork {type(model).__name__} called with {given} (added to the "
+                "block outputs outside a module call); pass fork=False"
+            )
         return {}
+
+
+class Unforkable(ForkPolicy):
+    """A family whose ``forward`` mixes pre-fork values into block outputs: fork mode refused.
+
+    PixArt / DiT and the video transformers modulate the last block's output
+    with the time embedding in the model's own ``forward`` (``scale_shift_table
+    + temb``), outside any module call, so rows cannot be added at a block.
+    ``fork=None`` leaves them unforked; ``fork=True`` raises ``ValueError``
+    with ``reason``.
+
+    Examples
+    --------
+    >>> Unforkable("no").point(torch.nn.Linear(1, 1), "weight")
+    Traceback (most recent call last):
+    ...
+    ValueError: fork mode is not available for Linear: no; pass fork=False
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(proven=False)
+        self.reason = reason
+
+    def point(self, model: torch.nn.Module, layer: str) -> str:
+        raise ValueError(
+            f"fork mode is not available for {type(model).__name__}: {self.reason}; pass fork=False"
+        )
 
 
 @dataclass
