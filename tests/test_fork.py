@@ -515,7 +515,10 @@ def test_unet_float32_within_tolerance() -> None:
 transformers = pytest.importorskip("transformers")
 
 from smoothguide.diffusers import GuidedPipeline  # noqa: E402
-from test_diffusers_unet_pipeline import H, W, call, make_pipe, no_hooks, pipe  # noqa: E402, F401
+from test_diffusers_unet_pipeline import H as PH  # noqa: E402
+from test_diffusers_unet_pipeline import W as PW  # noqa: E402
+from test_diffusers_unet_pipeline import call, make_pipe, no_hooks  # noqa: E402
+from test_diffusers_unet_pipeline import pipe as pipe  # noqa: E402  (the fixture)
 
 PIPE_CASES = [
     ("cfg+seg", SEG(3.0, sigma=10.0, cfg_scale=5.0), "a cat"),
@@ -526,7 +529,12 @@ PIPE_CASES = [
 
 
 @pytest.mark.parametrize(("name", "rule", "prompt"), PIPE_CASES, ids=[c[0] for c in PIPE_CASES])
-def test_pipeline_forked_equals_unforked(pipe: Any, name: str, rule: Any, prompt: str) -> None:
+def test_pipeline_forked_equals_unforked(
+    pipe: Any,
+    name: str,
+    rule: Any,
+    prompt: str,
+) -> None:
     """SD / SDXL (added conditions), 2 images per prompt, a negative prompt, non-square latents."""
     out = {}
     for fork in (False, None):
@@ -539,7 +547,7 @@ def test_pipeline_forked_equals_unforked(pipe: Any, name: str, rule: Any, prompt
             assert rows.seen["conv_in"][0] < rows.seen["conv_out"][0]
         else:
             assert rows.seen["conv_in"] == rows.seen["conv_out"]
-    assert out[None].shape == (2, 4, H // 2, W // 2)
+    assert out[None].shape == (2, 4, PH // 2, PW // 2)
     close(out[None], out[False], ops=256)
     assert no_hooks(pipe.unet)
 
@@ -553,7 +561,7 @@ def test_controlnet_residuals_fork_after_the_down_blocks_only() -> None:
         **{k: v for k, v in sd.components.items() if k != "image_encoder"}, controlnet=controlnet
     )
     cn.set_progress_bar_config(disable=True)
-    control = torch.rand(1, 3, H, W, generator=torch.Generator().manual_seed(5))
+    control = torch.rand(1, 3, PH, PW, generator=torch.Generator().manual_seed(5))
     for rule in (
         SEG(3.0, sigma=4.0, cfg_scale=4.0),  # mid: the mid-block residual joins after the fork
         Compose(CFG(4.0), PAG(2.0, layers="up.1")),  # up: it joins before
@@ -652,6 +660,9 @@ def test_sd3_controlnet_residuals_refused() -> None:
     kw = _map_rows(kw, 1, torch.tensor([0, 0]))
     kw["block_controlnet_hidden_states"] = [torch.zeros(2, 15, 16)]
     spec = ForkSpec(2, 1, (("transformer_blocks.1", (0,)),))
-    with pytest.raises(ValueError, match="block_controlnet_hidden_states"):
-        with patcher.forking(spec), patcher.perturb(QuerySmoothing(1.0), [1]):
-            model(**kw)
+    with (
+        pytest.raises(ValueError, match="block_controlnet_hidden_states"),
+        patcher.forking(spec),
+        patcher.perturb(QuerySmoothing(1.0), [1]),
+    ):
+        model(**kw)
