@@ -19,7 +19,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-SECTIONS = ("smoothing", "step", "memory", "scaling")
+SECTIONS = ("smoothing", "step", "memory", "scaling", "fork")
 HERE = Path(__file__).resolve().parent
 
 
@@ -116,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
             "come from interleaved timing rounds and suffer less, but treat them with care."
         )
     t0 = time.perf_counter()
-    smoothing = step = memory = scaling = None
+    smoothing = step = memory = scaling = fork = None
     t = time.perf_counter()
     if "smoothing" in args.only:
         from .smoothing import run_smoothing
@@ -139,7 +139,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
         scaling = run_scaling(config, progress=progress)
         info.figures["scaling"] = plot_scaling(scaling, figures / "scaling.png")
-        info.section_s["scaling"] = time.perf_counter() - t
+        info.section_s["scaling"], t = time.perf_counter() - t, time.perf_counter()
+    if "fork" in args.only:
+        from .fork import run_fork
+
+        fork = run_fork(config, progress=progress)
+        info.section_s["fork"] = time.perf_counter() - t
     info.wall_s = time.perf_counter() - t0
     info.load_end = load_average()
     if info.load_end is not None and info.load_end[0] > 0.75 * cores and not info.notes:
@@ -148,8 +153,18 @@ def main(argv: Sequence[str] | None = None) -> Path:
             "end of the run: other processes shared the CPU, so times are noisy."
         )
     text = render(
-        info, smoothing=smoothing, step=step, memory=memory, scaling=scaling, readme_dir=out.parent
+        info,
+        smoothing=smoothing,
+        step=step,
+        memory=memory,
+        scaling=scaling,
+        fork=fork,
+        readme_dir=out.parent,
     )
+    if args.only == ["fork"] and out.exists():  # keep the other sections of the report
+        from .report import splice_fork
+
+        text = splice_fork(out.read_text(encoding="utf-8"), text)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text, encoding="utf-8")
     if progress:

@@ -528,6 +528,7 @@ def render(
     memory: MemoryResults | None,
     scaling: ScalingResults | None,
     readme_dir: Path,
+    fork: Any = None,
 ) -> str:
     """The full ``benchmarks/README.md`` text."""
 
@@ -573,4 +574,30 @@ def render(
         parts += ["## 3. Peak memory", "", _memory(memory, rel("memory")), ""]
     if scaling is not None:
         parts += ["## 4. Scaling with the grid", "", _scaling(scaling, rel("scaling")), ""]
+    if fork is not None:
+        from .fork import render_fork
+
+        parts += [
+            FORK_BEGIN,
+            "## 5. Fork mode",
+            "",
+            render_fork(fork),
+            "",
+            f"Command: `{info.command}`.",
+            FORK_END,
+            "",
+        ]
     return "\n".join(parts).rstrip() + "\n"
+
+
+FORK_BEGIN, FORK_END = "<!-- fork:begin -->", "<!-- fork:end -->"
+
+
+def splice_fork(old: str, new: str) -> str:
+    """``old`` report with its fork section replaced by (or appended from) the one in ``new``."""
+    start, stop = new.index(FORK_BEGIN), new.index(FORK_END) + len(FORK_END)
+    section = new[start:stop]
+    if FORK_BEGIN in old and FORK_END in old:
+        a, b = old.index(FORK_BEGIN), old.index(FORK_END) + len(FORK_END)
+        return old[:a] + section + old[b:]
+    return old.rstrip() + "\n\n" + section + "\n"
