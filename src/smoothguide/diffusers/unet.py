@@ -124,6 +124,14 @@ class UNetForkPolicy(ForkPolicy):
     Proven exact (tests/test_fork.py), so on by default. Refused (``ValueError``):
     ControlNet's down-block residuals with a fork in the down blocks, and
     T2I-Adapter residuals, since the UNet adds those outside a module call.
+
+    Examples
+    --------
+    >>> policy = UNetForkPolicy()
+    >>> policy.point(None, "up_blocks.1.attentions.0.transformer_blocks.0.attn1")
+    'up_blocks.1'
+    >>> policy.rank(None, "mid_block") < policy.rank(None, "up_blocks.0")
+    True
     """
 
     def __init__(self) -> None:

@@ -44,6 +44,14 @@ class ForkSpec:
         ``(fork-point name, sources)`` in execution order: at that point the
         batch grows by ``len(sources)`` rows, row ``i`` a copy of pre-fork row
         ``sources[i]``.
+
+    Examples
+    --------
+    ``[uncond, cond]`` until ``mid_block``, where a copy of ``cond`` (row 1) joins:
+
+    >>> spec = ForkSpec(rows=3, pre=2, stages=(("mid_block", (1,)),))
+    >>> spec.sizes, spec.sources
+    ((2, 3), (0, 1, 1))
     """
 
     rows: int
@@ -95,7 +103,21 @@ class ForkingPerturber(Protocol):
 
 @dataclass(frozen=True)
 class ForkPlan:
-    """The branch order of a forked call and its :class:`ForkSpec` (from :func:`plan_fork`)."""
+    """The branch order of a forked call and its :class:`ForkSpec` (from :func:`plan_fork`).
+
+    Parameters
+    ----------
+    order
+        Branches in row order: pre-fork branches, then forked ones by fork point.
+    spec
+        The rows' bookkeeping.
+
+    Examples
+    --------
+    >>> plan = ForkPlan([Branch("cond")], ForkSpec(2, 1, (("block", (0,)),)))
+    >>> plan.spec.sizes
+    (1, 2)
+    """
 
     order: list[Branch]
     spec: ForkSpec
@@ -130,6 +152,19 @@ def plan_fork(
         ``fork=True`` with a perturber that cannot fork.
     ValueError
         Where the perturber cannot fork a perturbation (its message says why).
+
+    Examples
+    --------
+    >>> from smoothguide.perturbations import QuerySmoothing
+    >>> class Blocks:  # a perturber whose every perturbation forks at "blocks.1"
+    ...     fork_proven = True
+    ...     def perturb(self, p, rows): ...
+    ...     def fork_point(self, p): return "blocks.1", 1
+    ...     def forking(self, spec): ...
+    >>> seg = Branch("cond", QuerySmoothing(2.0))
+    >>> plan = plan_fork([Branch("uncond"), Branch("cond"), seg], Blocks(), None, batch=2)
+    >>> plan.spec
+    ForkSpec(rows=6, pre=4, stages=(('blocks.1', (2, 3)),))
     """
     if fork is not None and not isinstance(fork, bool):
         raise TypeError(f"fork must be True, False or None (automatic), got {fork!r}")

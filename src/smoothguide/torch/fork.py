@@ -124,6 +124,11 @@ class Unforkable(ForkPolicy):
     ``fork=None`` leaves them unforked; ``fork=True`` raises ``ValueError``
     with ``reason``.
 
+    Parameters
+    ----------
+    reason
+        Why the family cannot fork (shown in the error).
+
     Examples
     --------
     >>> Unforkable("no").point(torch.nn.Linear(1, 1), "weight")
@@ -197,6 +202,12 @@ class Forker:
         The patched model (its forward calls are forked).
     policy
         The :class:`ForkPolicy`.
+
+    Examples
+    --------
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    >>> Forker(net, ForkPolicy()).fork_point(["1"])
+    ('1', 2)
     """
 
     def __init__(self, model: torch.nn.Module, policy: ForkPolicy) -> None:
