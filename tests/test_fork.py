@@ -666,3 +666,26 @@ def test_sd3_controlnet_residuals_refused() -> None:
         patcher.perturb(QuerySmoothing(1.0), [1]),
     ):
         model(**kw)
+
+
+@pytest.mark.slow
+def test_benchmark_counts_fewer_flops_forked() -> None:
+    """benchmarks/fork.py on tiny stand-ins (meta device, FLOPs only): forking saves work."""
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from benchmarks.config import TINY
+    from benchmarks.fork import render_fork, run_fork
+
+    res = run_fork(TINY, progress=False)
+    assert not res.timed and len(res.models) == 2
+    for m in res.models:
+        f = m.flops
+        # unforked: 3 (2) rows of the model plus the blur; forked: between 2 (1) and 3 (2) rows
+        assert f["c"] >= 1.5 * f["b"] and f["e"] >= 2 * f["a"]
+        assert f["b"] < f["cf"] < f["c"] and f["a"] < f["ef"] < f["e"]
+        assert f["b"] == 2 * f["a"]
+    assert "## 5." not in render_fork(res) and "(cf) / (b) forked" in render_fork(res)
