@@ -263,6 +263,46 @@ def test_generic_policy_is_opt_in_and_proven_policies_fork_by_default() -> None:
     assert patcher.fork_point(QuerySmoothing(1.0, layers=(L2, L1)))[0] == "blocks.1"
 
 
+def test_threads_fork_their_own_calls() -> None:
+    """Concurrent forked calls on one model and patcher: each thread gets its own rows."""
+    import threading
+
+    net = make_net()
+    patcher = AttentionPatcher(net, layers=Attn, fork=ForkPolicy(proven=True))
+    x, cond, uncond = inputs()
+    rules = [
+        SEG(3.0, sigma=2.0, cfg_scale=4.0, layers=L1),
+        Compose(CFG(3.0), SEG(2.0, sigma=1.0, layers=L1), PAG(2.0, layers=L2)),
+    ]
+    ref = [
+        GuidedDenoiser(net, r, uncond={"context": uncond}, perturber=patcher, fork=False)(
+            x, 0.7, context=cond
+        ).detach()
+        for r in rules
+    ]
+    got: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        den = GuidedDenoiser(net, rules[i], uncond={"context": uncond}, perturber=patcher)
+        try:
+            for _ in range(5):
+                with torch.no_grad():
+                    got[i].append(den(x, 0.7, context=cond))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i in (0, 1):
+        for out in got[i]:
+            close(out, ref[i])
+
+
 def test_fork_true_needs_a_forking_perturber() -> None:
     class Plain:
         def perturb(self, p: Any, rows: Any) -> Any:  # pragma: no cover - never entered

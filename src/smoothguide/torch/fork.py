@@ -266,7 +266,7 @@ class Forker:
         call = _CallState(spec, spec.sizes, spec.sources)
         handles = []
         for name in self._hooked(modules, points):
-            hook = self._point_hook(points.index(name) if name in points else None, name)
+            hook = self._point_hook(call, points.index(name) if name in points else None, name)
             handles.append(modules[name].register_forward_pre_hook(hook, with_kwargs=True))
         local.call = call
         failed = False
@@ -335,12 +335,12 @@ class Forker:
         new_kwargs = {k: cut(v, call.sizes[late.get(k, 0)]) for k, v in kwargs.items()}
         return new_args, new_kwargs
 
-    def _point_hook(self, stage: int | None, name: str) -> Callable[..., Any]:
+    def _point_hook(self, call: _CallState, stage: int | None, name: str) -> Callable[..., Any]:
         def hook(
             module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
         ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-            call = self._local.call
-            if call is None or not call.started:
+            # Hooks are shared by threads: act only on this context's own call.
+            if self._local.call is not call or not call.started:
                 return None
             if stage is not None and call.stage == stage:
                 args, kwargs = call.expand(args), call.expand(kwargs)
