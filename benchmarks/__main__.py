@@ -74,6 +74,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=0,
         help="torch.set_num_threads(N) before timing (default: torch's choice)",
     )
+    p.add_argument(
+        "--fork-repeat",
+        type=int,
+        default=None,
+        help="timed repeats of the fork section's CPU wall time (0: FLOPs only; default: "
+        "the variant's)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -81,6 +88,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if bad or not only:
         p.error(f"--only takes a comma-separated subset of {SECTIONS}, got {args.only!r}")
     args.only = only
+    if args.fork_repeat is not None and args.fork_repeat < 0:
+        p.error(f"--fork-repeat must be >= 0, got {args.fork_repeat}")
     if args.threads < 0:
         p.error(f"--threads must be >= 0, got {args.threads}")
     return args
@@ -103,6 +112,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
     if args.threads:
         torch.set_num_threads(args.threads)
     config = VARIANTS[args.variant]
+    if args.fork_repeat is not None:
+        import dataclasses
+
+        config = dataclasses.replace(config, fork_repeat=args.fork_repeat)
     progress = not args.no_progress
     out: Path = args.out
     figures: Path = args.figures if args.figures is not None else out.parent / "figures"
