@@ -583,7 +583,10 @@ def render(
             "",
             render_fork(fork),
             "",
-            f"Command: `{info.command}`.",
+            *(f"> **Note.** {n}\n" for n in info.notes),
+            f"Command: `{info.command}` ({info.machine.get('date (UTC)', '')} UTC, "
+            f"{info.machine.get('CPU', 'CPU')}, {info.machine.get('logical cores', '?')} "
+            "logical cores).",
             FORK_END,
             "",
         ]
