@@ -12,9 +12,11 @@ Two measurements per model and variant:
 - **FLOPs**: ``torch.utils.flop_counter.FlopCounterMode`` over one guided call
   with the weights on the ``meta`` device (no arithmetic runs, so it is exact,
   fast and the same on every machine);
-- **wall time** (``--full`` / ``quick``): median of interleaved repeats on the
-  CPU, and the peak bytes the torch allocator held during one CFG + SEG call
-  (profiler memory events), forked and unforked.
+- **CPU time** (``quick``: SD 1.5; ``--full``: all three): one torch thread,
+  the computing thread's CPU seconds (``time.thread_time``: what other
+  processes on a shared machine do not inflate), median of interleaved
+  repeats; and the peak bytes the torch allocator held during one CFG + SEG
+  call (profiler memory events), forked and unforked.
 
 Variants: (a) no guidance, (b) CFG w = 5, (c) CFG + SEG unforked / (cf) forked,
 (e) SEG alone unforked / (ef) forked (s = 3, σ = 10).
@@ -26,6 +28,7 @@ import gc
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +40,7 @@ from smoothguide.sampling import GuidedDenoiser
 
 from .config import Config
 from .memory import _quiet_stderr
-from .timing import Timing, measure_interleaved
+from .timing import Timing
 
 __all__ = ["FORK_MODELS", "ForkResults", "render_fork", "run_fork"]
 
@@ -202,6 +205,25 @@ def _variants(
     }
 
 
+def _cpu_times(fns: dict[str, Callable[[], Any]], repeat: int) -> dict[str, Timing]:
+    """CPU seconds of this thread per call, in interleaved rounds after one warm-up each."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(repeat):
+            for k, fn in fns.items():
+                t0 = time.thread_time()
+                fn()
+                times[k].append(time.thread_time() - t0)
+    finally:
+        if enabled:
+            gc.enable()
+    return {k: Timing(tuple(v)) for k, v in times.items()}
+
+
 def _peak_bytes(fn: Callable[[], Any]) -> int:
     """Peak bytes the torch CPU allocator held during ``fn()``, above its start."""
     from torch.profiler import ProfilerActivity, profile
@@ -282,18 +304,17 @@ def run_fork(config: Config, *, progress: bool = True) -> ForkResults:
             continue
         net = _build(fm.name, models[fm.name], "cpu")
         x, cond, uncond = _inputs(fm.name, net, "cpu")
-        with torch.inference_mode():
-            fns = _variants(fm.name, net, x, cond, uncond)
-            fm.timings = measure_interleaved(
-                fns,
-                repeat=config.fork_repeat,
-                min_repeat=config.fork_repeat,
-                warmup=1,
-                desc=f"fork ({fm.name})" if progress else None,
-            )
-            for key in ("c", "cf"):
-                gc.collect()
-                fm.peak[key] = _peak_bytes(fns[key])
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # all compute in this thread: its CPU time is the cost
+        try:
+            with torch.inference_mode():
+                fns = _variants(fm.name, net, x, cond, uncond)
+                fm.timings = _cpu_times(fns, config.fork_repeat)
+                for key in ("c", "cf"):
+                    gc.collect()
+                    fm.peak[key] = _peak_bytes(fns[key])
+        finally:
+            torch.set_num_threads(threads)
         del net, fns
         gc.collect()
     return res
@@ -341,9 +362,10 @@ def render_fork(res: ForkResults) -> str:
     if timed:
         lines += [
             "",
-            f"**Wall time** on this machine's CPU ({res.threads} torch threads, median of "
-            f"{res.repeat} interleaved repeats after one warm-up) and the peak bytes the "
-            "torch allocator held during one CFG + SEG call:",
+            "**CPU time** on this machine (one torch thread; CPU seconds of the computing "
+            f"thread, `time.thread_time`, which other processes sharing the CPU do not "
+            f"inflate; median of {res.repeat} interleaved repeats after one warm-up) and the "
+            "peak bytes the torch allocator held during one CFG + SEG call:",
             "",
             "| model | (a) no guidance | (b) CFG | (c) / (b) unforked | (cf) / (b) forked | "
             "(e) / (a) unforked | (ef) / (a) forked | peak (c) | peak (cf) |",
