@@ -19,7 +19,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-SECTIONS = ("smoothing", "step", "memory", "scaling")
+SECTIONS = ("smoothing", "step", "memory", "scaling", "fork")
 HERE = Path(__file__).resolve().parent
 
 
@@ -74,6 +74,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=0,
         help="torch.set_num_threads(N) before timing (default: torch's choice)",
     )
+    p.add_argument(
+        "--fork-repeat",
+        type=int,
+        default=None,
+        help="timed repeats of the fork section's CPU wall time (0: FLOPs only; default: "
+        "the variant's)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -81,6 +88,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if bad or not only:
         p.error(f"--only takes a comma-separated subset of {SECTIONS}, got {args.only!r}")
     args.only = only
+    if args.fork_repeat is not None and args.fork_repeat < 0:
+        p.error(f"--fork-repeat must be >= 0, got {args.fork_repeat}")
     if args.threads < 0:
         p.error(f"--threads must be >= 0, got {args.threads}")
     return args
@@ -103,6 +112,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
     if args.threads:
         torch.set_num_threads(args.threads)
     config = VARIANTS[args.variant]
+    if args.fork_repeat is not None:
+        import dataclasses
+
+        config = dataclasses.replace(config, fork_repeat=args.fork_repeat)
     progress = not args.no_progress
     out: Path = args.out
     figures: Path = args.figures if args.figures is not None else out.parent / "figures"
@@ -116,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
             "come from interleaved timing rounds and suffer less, but treat them with care."
         )
     t0 = time.perf_counter()
-    smoothing = step = memory = scaling = None
+    smoothing = step = memory = scaling = fork = None
     t = time.perf_counter()
     if "smoothing" in args.only:
         from .smoothing import run_smoothing
@@ -139,7 +152,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
         scaling = run_scaling(config, progress=progress)
         info.figures["scaling"] = plot_scaling(scaling, figures / "scaling.png")
-        info.section_s["scaling"] = time.perf_counter() - t
+        info.section_s["scaling"], t = time.perf_counter() - t, time.perf_counter()
+    if "fork" in args.only:
+        from .fork import run_fork
+
+        fork = run_fork(config, progress=progress)
+        info.section_s["fork"] = time.perf_counter() - t
     info.wall_s = time.perf_counter() - t0
     info.load_end = load_average()
     if info.load_end is not None and info.load_end[0] > 0.75 * cores and not info.notes:
@@ -148,8 +166,22 @@ def main(argv: Sequence[str] | None = None) -> Path:
             "end of the run: other processes shared the CPU, so times are noisy."
         )
     text = render(
-        info, smoothing=smoothing, step=step, memory=memory, scaling=scaling, readme_dir=out.parent
+        info,
+        smoothing=smoothing,
+        step=step,
+        memory=memory,
+        scaling=scaling,
+        fork=fork,
+        readme_dir=out.parent,
     )
+    if args.only == ["fork"] and out.exists():  # keep the other sections of the report
+        from .report import splice_fork
+
+        text = splice_fork(out.read_text(encoding="utf-8"), text)
+    elif out.exists():  # hand-measured sections survive a regeneration
+        from .report import keep_hand_sections
+
+        text = keep_hand_sections(out.read_text(encoding="utf-8"), text)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text, encoding="utf-8")
     if progress:

@@ -48,6 +48,10 @@ class Config:
         ``(batch, heads)`` of the scaling measurement (dim 64).
     scaling_sigmas
         Blur widths of the scaling plot.
+    fork_repeat
+        Timed repeats of the fork-mode benchmark's wall-time part (0: FLOPs only).
+    fork_timed
+        Models of the fork-mode benchmark that are also timed on the CPU.
     """
 
     name: str
@@ -67,6 +71,8 @@ class Config:
     scaling_grids: tuple[int, ...] = ()
     scaling_lead: tuple[int, int] = (1, 4)
     scaling_sigmas: tuple[float, ...] = (3.0, 10.0)
+    fork_repeat: int = 3
+    fork_timed: tuple[str, ...] = ("SD 1.5 UNet", "SDXL UNet", "SD3-medium transformer")
 
 
 SDXL_SHAPES: tuple[Shape, ...] = (
@@ -128,6 +134,7 @@ QUICK = Config(
     memory_grids=MEMORY_GRIDS,
     scaling_grids=(16, 32, 64, 96, 128),
     scaling_lead=(1, 4),
+    fork_timed=("SD 1.5 UNet", "SDXL UNet"),  # the real SD3-medium takes minutes per repeat
 )
 
 FULL = Config(
@@ -145,6 +152,7 @@ FULL = Config(
     memory_grids=MEMORY_GRIDS,
     scaling_grids=(16, 24, 32, 48, 64, 96, 128),
     scaling_lead=(2, 10),
+    fork_repeat=5,
 )
 
 #: Tiny shapes for the smoke test (seconds; the numbers mean nothing).
@@ -166,6 +174,7 @@ TINY = Config(
     scaling_grids=(8, 16),
     scaling_lead=(1, 1),
     scaling_sigmas=(3.0,),
+    fork_repeat=0,
 )
 
 VARIANTS = {c.name: c for c in (QUICK, FULL, TINY)}

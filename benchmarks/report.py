@@ -528,6 +528,7 @@ def render(
     memory: MemoryResults | None,
     scaling: ScalingResults | None,
     readme_dir: Path,
+    fork: Any = None,
 ) -> str:
     """The full ``benchmarks/README.md`` text."""
 
@@ -573,12 +574,55 @@ def render(
         parts += ["## 3. Peak memory", "", _memory(memory, rel("memory")), ""]
     if scaling is not None:
         parts += ["## 4. Scaling with the grid", "", _scaling(scaling, rel("scaling")), ""]
-    parts += [GPU_SECTION, ""]
+    if fork is not None:
+        from .fork import render_fork
+
+        parts += [
+            FORK_BEGIN,
+            "## 5. Fork mode",
+            "",
+            render_fork(fork),
+            "",
+            *(f"> **Note.** {n}\n" for n in info.notes),
+            f"Command: `{info.command}` ({info.machine.get('date (UTC)', '')} UTC, "
+            f"{info.machine.get('CPU', 'CPU')}, {info.machine.get('logical cores', '?')} "
+            "logical cores).",
+            FORK_END,
+            "",
+        ]
+    parts += [HAND_BEGIN, HAND_END, "", GPU_SECTION, ""]
     return "\n".join(parts).rstrip() + "\n"
 
 
+#: Hand-measured sections (the study throughput, issue 15) sit between these markers;
+#: ``keep_hand_sections`` carries them over when the report is regenerated.
+HAND_BEGIN, HAND_END = "<!-- hand:begin -->", "<!-- hand:end -->"
+
+
+def keep_hand_sections(old: str, new: str) -> str:
+    """``new`` report with the hand-written block of ``old`` (if any) in place of its own."""
+    if not (HAND_BEGIN in old and HAND_END in old and HAND_BEGIN in new):
+        return new
+    a, b = old.index(HAND_BEGIN), old.index(HAND_END) + len(HAND_END)
+    c, d = new.index(HAND_BEGIN), new.index(HAND_END) + len(HAND_END)
+    return new[:c] + old[a:b] + new[d:]
+
+
+FORK_BEGIN, FORK_END = "<!-- fork:begin -->", "<!-- fork:end -->"
+
+
+def splice_fork(old: str, new: str) -> str:
+    """``old`` report with its fork section replaced by (or appended from) the one in ``new``."""
+    start, stop = new.index(FORK_BEGIN), new.index(FORK_END) + len(FORK_END)
+    section = new[start:stop]
+    if FORK_BEGIN in old and FORK_END in old:
+        a, b = old.index(FORK_BEGIN), old.index(FORK_END) + len(FORK_END)
+        return old[:a] + section + old[b:]
+    return old.rstrip() + "\n\n" + section + "\n"
+
+
 #: Not produced by a run: what a GPU session runs (benchmarks/gpu_backends.py, issue 14).
-GPU_SECTION = """## 6. GPU: not yet measured on a GPU
+GPU_SECTION = """## 7. GPU: not yet measured on a GPU
 
 No GPU was available to these runs. `benchmarks/gpu_backends.py` is the prepared check
 (about 2-4 minutes on one CUDA device): SEG and PAG on one attention layer under torch's

@@ -96,7 +96,7 @@ pygments_dark_style = "monokai"
 #: that exists is added to the toctree that names its marker; a missing page is
 #: left out, so the build never fails on a page that has not landed yet.
 OPTIONAL_PAGES = {
-    "guides": ["rules", "torch", "diffusers", "transformers", "reliability"],
+    "guides": ["rules", "torch", "diffusers", "transformers", "fork", "reliability"],
 }
 _MARKER = re.compile(r"<!-- optional-toctree: (\w+) -->")
 

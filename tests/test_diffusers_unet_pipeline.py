@@ -139,11 +139,11 @@ def pipe(request: pytest.FixtureRequest) -> Any:
 
 
 class UNetBatches:
-    """Records the batch size the UNet really runs (seen by its first conv)."""
+    """Records the rows the UNet returns (seen by its last conv; fork mode runs fewer before)."""
 
     def __init__(self, pipe: Any) -> None:
         self.batches: list[int] = []
-        self.handle = pipe.unet.conv_in.register_forward_pre_hook(
+        self.handle = pipe.unet.conv_out.register_forward_pre_hook(
             lambda m, args: self.batches.append(args[0].shape[0])
         )
 

@@ -74,8 +74,9 @@ def run(pipe: diffusers.StableDiffusionPipeline) -> dict[str, object]:
     # [/presets]
 
     # [run]
-    batches: list[int] = []  # what the UNet really runs, per step
-    hook = pipe.unet.conv_in.register_forward_pre_hook(lambda m, a: batches.append(a[0].shape[0]))
+    batches: list[int] = []  # rows the UNet returns, per step (fork mode: the blurred row
+    # joins at the mid block, docs/fork.md)
+    hook = pipe.unet.conv_out.register_forward_pre_hook(lambda m, a: batches.append(a[0].shape[0]))
     before = dict(pipe.unet.attn_processors)
 
     guided = GuidedPipeline(pipe, SEG(3.0, sigma=math.inf, cfg_scale=5.0))

@@ -22,6 +22,7 @@ from typing import Any
 
 from ..torch import Geometry, GeometryFn, ImageTokens, LayerSpec
 from ..torch._deps import torch
+from ..torch.fork import Unforkable
 from ._blocks import bind_call, latent_tensor, thirds
 from ._deps import diffusers
 from .family import ModelFamily, register_family
@@ -125,6 +126,11 @@ def dit_geometry(model: torch.nn.Module) -> GeometryFn:
     return geometry
 
 
+_NO_FORK = (
+    "PixArt / DiT modulate the last block's output with the time embedding "
+    "(scale_shift_table + timestep) in the model's forward, outside a module call"
+)
+
 #: The family of ``PixArtTransformer2DModel`` and ``DiTTransformer2DModel``; default ``"mid"``.
 DIT = register_family(
     ModelFamily(
@@ -134,5 +140,6 @@ DIT = register_family(
         presets=dit_presets,
         default="mid",
         geometry=dit_geometry,
+        fork=Unforkable(_NO_FORK),
     )
 )

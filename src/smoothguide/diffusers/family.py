@@ -12,11 +12,12 @@ family that matches. New architectures register a family with
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..perturbations import LayerSelection
 from ..torch import AttentionPatcher, GeometryFn, LayerSpec, image_geometry
 from ..torch._deps import torch
+from ..torch.fork import ForkPolicy
 
 __all__ = [
     "ModelFamily",
@@ -53,6 +54,9 @@ class ModelFamily:
         ``model -> GeometryFn``: builds the function that reads a forward
         call's :class:`~smoothguide.torch.Geometry` (default: the latent is
         the first ``(B, C, H, W)`` / ``(B, C, F, H, W)`` input).
+    fork
+        The :class:`~smoothguide.torch.fork.ForkPolicy` of fork mode; default
+        the generic one, which is not proven (fork mode only with ``fork=True``).
 
     Examples
     --------
@@ -76,6 +80,7 @@ class ModelFamily:
     presets: Callable[[torch.nn.Module], dict[str, tuple[str, ...]]]
     default: LayerSelection
     geometry: Callable[[torch.nn.Module], GeometryFn] = _image_geometry_factory
+    fork: ForkPolicy = field(default_factory=ForkPolicy)
 
     def patcher(self, model: torch.nn.Module) -> AttentionPatcher:
         """An :class:`~smoothguide.torch.AttentionPatcher` for ``model``."""
@@ -85,6 +90,7 @@ class ModelFamily:
             presets=self.presets(model),
             default=self.default,
             geometry=self.geometry(model),
+            fork=self.fork,
         )
 
 

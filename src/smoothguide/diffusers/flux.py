@@ -37,6 +37,7 @@ from typing import Any
 
 from ..torch import Geometry, GeometryFn, JointTokens, LayerSpec
 from ..torch._deps import torch
+from ..torch.fork import ForkPolicy
 from ._blocks import bind_call, latent_tensor, thirds
 from ._deps import diffusers
 from .family import ModelFamily, register_family
@@ -229,5 +230,9 @@ FLUX = register_family(
         presets=flux_presets,
         default="double.mid",
         geometry=flux_geometry,
+        # fork at the (double or single) block of the first perturbed layer; exact
+        fork=ForkPolicy(
+            proven=True, refuse=("controlnet_block_samples", "controlnet_single_block_samples")
+        ),
     )
 )

@@ -35,6 +35,7 @@ from ..rules._prediction import Prediction
 from ..rules.base import GuidanceRule, StepContext
 from ..sag import AttentionMaskedBlur
 from ..sampling.denoiser import _batch_order, _check_layers, _rebuild_mapping, _rebuild_sequence
+from ..sampling.forking import plan_fork
 from ..torch import AttentionPatcher
 from ..torch._deps import torch
 from ..weak_model import WeakModel
@@ -360,6 +361,11 @@ class GuidedPipeline:
         ``"mid"`` preset unless a perturbation names layers).
     adapter
         Default :func:`adapter_for` of ``pipe``.
+    fork
+        Fork mode (:mod:`smoothguide.torch.fork`): perturbed branches join the
+        batch at their first perturbed layer. ``None`` (default): on where the
+        model family declares it exact (UNet2DConditionModel); ``True``: on;
+        ``False``: off.
 
     Notes
     -----
@@ -386,6 +392,7 @@ class GuidedPipeline:
         *,
         patcher: AttentionPatcher | None = None,
         adapter: PipelineAdapter | None = None,
+        fork: bool | None = None,
     ) -> None:
         missing = [
             m for m in ("branches", "init_state", "combine") if not callable(getattr(rule, m, None))
@@ -416,6 +423,9 @@ class GuidedPipeline:
         self._state: Any = None
         self._positions = 0
         self._sequential: _SequentialStep | None = None
+        if fork is not None and not isinstance(fork, bool):
+            raise TypeError(f"fork must be True, False or None (automatic), got {fork!r}")
+        self.fork = fork
 
     def __repr__(self) -> str:
         return f"GuidedPipeline({type(self.pipe).__name__}, {self.rule!r})"
@@ -503,6 +513,12 @@ class GuidedPipeline:
                 "should pass"
             )
         chunk = batch // len(incoming)
+        # Autoguidance branches run on their own model: never part of the forked call.
+        weak_branches = [b for b in order if isinstance(b.perturbation, WeakModel)]
+        batched = [b for b in order if b not in weak_branches]
+        plan = plan_fork(batched, self.patcher, self.fork, chunk) if len(batched) > 1 else None
+        if plan is not None:  # fork mode: perturbed branches in fork order
+            order = plan.order + weak_branches
         rows: list[int] = []
         weak = []
         for b in order:
@@ -529,6 +545,8 @@ class GuidedPipeline:
         index = torch.tensor(rows, device=sample.device)
         step = _Step(order, chunk, batch, ctx, position=position, weak=weak)
         self._steps.append(step)
+        if plan is not None:
+            step.stack.enter_context(self.patcher.forking(plan.spec))
         for j, b in enumerate(order):
             if b.perturbation is not None:
                 span = range(j * chunk, (j + 1) * chunk)

@@ -33,6 +33,7 @@ from typing import Any
 
 from ..torch import Geometry, GeometryFn, ImageTokens, JointTokens, LayerSpec
 from ..torch._deps import torch
+from ..torch.fork import ForkPolicy
 from ._blocks import bind_call, latent_tensor, thirds
 from ._deps import diffusers
 from .family import ModelFamily, register_family
@@ -158,5 +159,7 @@ SD3 = register_family(
         presets=sd3_presets,
         default="mid",
         geometry=sd3_geometry,
+        # fork at the block of the first perturbed layer; exact (tests/test_fork.py)
+        fork=ForkPolicy(proven=True, refuse=("block_controlnet_hidden_states",)),
     )
 )

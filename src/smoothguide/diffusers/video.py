@@ -39,6 +39,7 @@ from typing import Any
 
 from ..torch import Geometry, GeometryFn, JointTokens, LayerSpec
 from ..torch._deps import torch
+from ..torch.fork import Unforkable
 from ._blocks import VideoTokens, bind_call, latent_tensor, thirds
 from ._deps import diffusers
 from .family import ModelFamily, register_family
@@ -263,6 +264,10 @@ def _video_family(
             presets=video_presets,
             default="mid",
             geometry=geometry,
+            fork=Unforkable(
+                "the model's forward modulates the last block's output with the time "
+                "embedding outside a module call"
+            ),
         )
     )
 

@@ -27,6 +27,7 @@ from ..rules._prediction import denoised_of
 from ..rules.base import GuidanceRule, StepContext
 from ..sag import AttentionMaskedBlur, sag_degrade, sag_mask
 from ..weak_model import WeakModel
+from .forking import plan_fork
 
 __all__ = ["GuidedDenoiser", "SteppableDenoiser", "batch_order"]
 
@@ -115,6 +116,13 @@ class GuidedDenoiser:
         k-diffusion sampler). When set, a plain call ``guided(x, sigma)`` finds
         its step index from ``sigma``, so schedules ``on="progress"`` work with
         any sampler.
+    fork
+        Fork mode of the batched call (:mod:`smoothguide.sampling.forking`): a
+        perturbed branch joins the batch only at its first perturbed layer
+        instead of recomputing the rows it shares with its plain branch.
+        ``None`` (default): on when the perturber declares it exact for the
+        model (``fork_proven``); ``True``: on (error if the perturber cannot
+        fork); ``False``: off. Perturbed branches then come in fork order.
 
     Notes
     -----
@@ -146,6 +154,7 @@ class GuidedDenoiser:
         perturber: Perturber | None = None,
         batched: bool = True,
         sigmas: Sequence[float] | Array | None = None,
+        fork: bool | None = None,
     ) -> None:
         if not callable(model):
             raise TypeError(f"model must be callable as model(x, sigma, **cond), got {model!r}")
@@ -177,6 +186,9 @@ class GuidedDenoiser:
         self.uncond = None if uncond is None else dict(uncond)
         self.perturber = perturber
         self.batched = batched
+        if fork is not None and not isinstance(fork, bool):
+            raise TypeError(f"fork must be True, False or None (automatic), got {fork!r}")
+        self.fork = fork
         self.sigmas = None if sigmas is None else _sigma_list(sigmas, "sigmas")
         if perturber is not None:
             _check_layers(rule, perturber)  # a bad layer name fails here, not at a step
@@ -413,11 +425,18 @@ class GuidedDenoiser:
                     out = self.model(x, sigma, **kw)
                 outputs[b] = _check_output(out, batch, x)
             return outputs
+        # Fork mode: same rows, perturbed branches in fork order (see smoothguide.sampling.forking).
+        plan = plan_fork(order, self.perturber, self.fork, batch)
+        if plan is not None:
+            kwargs = [kwargs[order.index(b)] for b in plan.order]
+            order = plan.order
         n = len(order)
         big_x = xp.concat([x] * n, axis=0)
         big_sigma = _repeat_sigma(xp, sigma, batch, n)
         big_kw = _merge_kwargs(xp, kwargs, order, batch)
         with ExitStack() as stack:
+            if plan is not None:
+                stack.enter_context(self.perturber.forking(plan.spec))  # type: ignore[union-attr]
             for j, b in enumerate(order):
                 enter(stack, b, range(j * batch, (j + 1) * batch))
             out = self.model(big_x, big_sigma, **big_kw)

@@ -29,9 +29,11 @@ from torch.overrides import TorchFunctionMode
 
 from ..grid import TokenGrid
 from ..perturbations import IdentityAttention, LayerSelection, Perturbation, QuerySmoothing
+from ..sampling.forking import ForkSpec
 from . import compile as _compile
 from . import dispatch as _dispatch
 from ._deps import torch
+from .fork import Forker, ForkPolicy
 from .heads import blur_query_rows, identity_rows
 from .layouts import Geometry, GeometryFn, LayerSpec, image_geometry
 
@@ -263,6 +265,9 @@ class AttentionPatcher:
         a layer name or a sequence of them; ``None`` means every layer.
     geometry
         ``(args, kwargs) -> Geometry`` for a call of ``model``.
+    fork
+        The :class:`~smoothguide.torch.fork.ForkPolicy` of fork mode (where
+        perturbed branches join the batch); default the generic, not proven one.
 
     Examples
     --------
@@ -294,6 +299,7 @@ class AttentionPatcher:
         presets: Mapping[str, Sequence[str]] | None = None,
         default: LayerSelection = None,
         geometry: GeometryFn = image_geometry,
+        fork: ForkPolicy | None = None,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -325,6 +331,7 @@ class AttentionPatcher:
         self._root_handles: list[Any] = []
         self._layer_refs: dict[str, int] = {}
         self._layer_handles: dict[str, list[Any]] = {}
+        self.forker = Forker(model, ForkPolicy() if fork is None else fork)
 
     # ----------------------------------------------------------------- layers
     @staticmethod
@@ -429,6 +436,25 @@ class AttentionPatcher:
             nonempty = sorted(k for k, v in self._presets.items() if v)
             raise ValueError(f"{what}; presets: {nonempty}; available layers: {list(self._specs)}")
         return self._ordered(names)
+
+    # -------------------------------------------------------------- fork mode
+    @property
+    def fork_proven(self) -> bool:
+        """Whether fork mode is known exact for this model (then it is on by default)."""
+        return self.forker.policy.proven
+
+    def fork_point(self, perturbation: Perturbation) -> tuple[str, Any]:
+        """Module where a branch perturbed by ``perturbation`` forks, and its execution rank."""
+        return self.forker.fork_point(self.resolve(perturbation.layers))
+
+    def forking(self, spec: ForkSpec) -> AbstractContextManager[None]:
+        """Run the next model call in fork mode (:mod:`smoothguide.torch.fork`)."""
+        return _SingleUse(self._forking(spec))
+
+    @contextmanager
+    def _forking(self, spec: ForkSpec) -> Iterator[None]:
+        with self.attached(), self.forker.forking(spec):
+            yield
 
     # ---------------------------------------------------------------- perturb
     def perturb(
@@ -596,6 +622,7 @@ class AttentionPatcher:
                 self._root_handles = [
                     self.model.register_forward_pre_hook(self._root_pre, with_kwargs=True),
                     self.model.register_forward_hook(self._root_post, always_call=True),
+                    *self.forker.root_hooks(),
                 ]
             self._attached += 1
             local.attached += 1
@@ -757,6 +784,7 @@ class AttentionPatcher:
                 f"attention layer {name!r}: query of shape {tuple(q.shape)} has no batch axis"
             )
         grid, geometry = self._grid(name, q.shape[-2])
+        geometry = self.forker.effective(geometry)  # fork mode: the rows in effect here
         offset, ratio = _row_map(rows if rows is not None else _RowState(name), q, geometry)
 
         def index(rows: tuple[int, ...]) -> torch.Tensor | None:
