@@ -70,10 +70,14 @@ def tests_kernels(session: nox.Session) -> None:
         }
         session.log(f"ATEN_CPU_CAPABILITY={cap} OMP_NUM_THREADS={threads}")
         session.run("pytest", "-q", "-m", "numerics", *session.posargs, env=env)
+
+
 def _oldest_pins() -> list[str]:
     """``name==X.*`` for every ``name>=X`` the package, its extras and the test group declare.
+
     The newest patch release of each lowest declared minor version: patch releases add no
     API, and that keeps the installs within what this machine holds locally.
+    """
     project = PYPROJECT["project"]
     reqs = list(project["dependencies"])
     for extra in ("torch", "diffusers", "demo"):
@@ -85,6 +89,8 @@ def _oldest_pins() -> list[str]:
         if m and m.group(1) != "torch":
             pins.append(f"{m.group(1)}=={m.group(2)}.*")
     return [TORCH, *pins]
+
+
 @nox.session(name="tests-oldest")
 def tests_oldest(session: nox.Session) -> None:
     """The test suite on the oldest versions the package declares (torch 2.13.0: the oldest
