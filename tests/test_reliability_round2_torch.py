@@ -686,3 +686,26 @@ def test_half_precision_timestep_finds_the_scheduler_sigma(dtype: torch.dtype) -
         half = (t / 1000).to(dtype).expand(2)  # what FluxPipeline hands its transformer
         assert _flux_sigma(pipe, half) == float(scheduler.sigmas[i])
         assert scheduler_sigma(pipe, t.to(dtype)) == float(scheduler.sigmas[i])
+
+
+@failure_mode(
+    "perturb(rows=...) given NumPy integers (rows computed with NumPy)",
+    "accepted as the equal Python ints (same result bit for bit); bools, floats and negative "
+    "rows are refused",
+)
+def test_perturb_takes_numpy_integer_rows() -> None:
+    from smoothguide.torch import AttentionPatcher
+
+    torch.manual_seed(0)
+    net = TwoLevel().double()
+    img = torch.randn(3, 4, 3, 3, dtype=torch.float64)
+    patcher = AttentionPatcher(net, layers=SelfAttn)
+    seg = QuerySmoothing(INF)
+    with patcher.perturb(seg, rows=[1, 2]):
+        ref = net(img)
+    with patcher.perturb(seg, rows=[np.int64(1), np.int32(2)]):
+        out = net(img)
+    assert torch.equal(out, ref)
+    for bad in ([True], [1.0], [np.int64(-1)]):
+        with pytest.raises(ValueError, match="rows must be ints >= 0"):
+            patcher.perturb(seg, rows=bad)
