@@ -223,6 +223,56 @@ def test_rules_refuse_branch_outputs_of_different_shapes(rule: object) -> None:
         assert repr(odd.conditioning) in msg
 
 
+def _library_rules() -> list[object]:
+    from smoothguide.rules import (
+        FDG,
+        MAMBOG,
+        SAG,
+        SLG,
+        TCFG,
+        TPG,
+        Autoguidance,
+        CFGPlusPlus,
+        CFGZeroStar,
+    )
+
+    return [
+        pytest.param(TCFG(3.0), id="TCFG"),
+        pytest.param(MAMBOG(3.0), id="MAMBOG"),
+        pytest.param(CFGZeroStar(3.0), id="CFGZeroStar"),
+        pytest.param(FDG(), id="FDG"),
+        pytest.param(CFGPlusPlus(0.5), id="CFGPlusPlus"),
+        pytest.param(SLG(2.8, start=0.0, stop=1.0), id="SLG"),
+        pytest.param(TPG(), id="TPG"),
+        pytest.param(SAG(), id="SAG"),
+        pytest.param(Autoguidance(2.0, model=lambda x, sigma: x), id="Autoguidance"),
+    ]
+
+
+@failure_mode(
+    "branch outputs of different shapes handed to the rule library's other rules (CFG "
+    "variants, SLG, TPG, SAG, autoguidance): latents (2, 4, 8, 8) against (2, 1, 8, 8)",
+    "ValueError naming the rule, each branch and its shape; never a broadcast result",
+)
+@pytest.mark.parametrize("rule", _library_rules())
+def test_library_rules_refuse_branch_outputs_of_different_shapes(rule: object) -> None:
+    from smoothguide.rules import StepContext
+
+    ctx = StepContext(1.0, step=3, num_steps=10)
+    needed = rule.branches(ctx)  # type: ignore[attr-defined]
+    assert len(needed) >= 2
+    rng = np.random.default_rng(0)
+    good = {b: rng.normal(size=(2, 4, 8, 8)) for b in needed}
+    rule.combine(good, ctx)  # type: ignore[attr-defined]
+    for odd in needed:
+        outputs = dict(good)
+        outputs[odd] = rng.normal(size=(2, 1, 8, 8))
+        with pytest.raises(ValueError, match="one shape") as info:
+            rule.combine(outputs, ctx)  # type: ignore[attr-defined]
+        assert "(2, 1, 8, 8)" in str(info.value)
+        assert repr(odd.conditioning) in str(info.value)
+
+
 # -- sigma too large for a float kernel size: the same named ValueError ------------------------
 
 

@@ -6,9 +6,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .._array import Array, compute_dtype, namespace
+from .._array import Array, compute_dtype
 from ..branches import Branch
-from .base import COND, UNCOND, StepContext, Term, branch_output, check_scale, check_shapes
+from ._difference import ScaledDifference, cond_uncond
+from .base import StepContext, Term, check_scale
 from .schedules import ALWAYS, Schedule, check_schedule, weight
 
 __all__ = ["APG", "APG_CONVENTIONS"]
@@ -20,7 +21,7 @@ _EPS = 1e-12  # torch.nn.functional.normalize's default eps, as in the reference
 
 
 @dataclass(frozen=True)
-class APG(Term):
+class APG(ScaledDifference, Term):
     """Adaptive Projected Guidance: CFG with the update's parallel part down-weighted.
 
     S. Sadat, O. Hilliges, R. M. Weber, "Eliminating Oversaturation and
@@ -105,14 +106,6 @@ class APG(Term):
                 f"convention must be one of {APG_CONVENTIONS}, got {self.convention!r}"
             )
 
-    def coefficient(self, ctx: StepContext) -> float:
-        """Effective coefficient ``ρ (w − 1)`` at this step."""
-        return weight(self.schedule, ctx) * (self.scale - 1.0)
-
-    def branches(self, ctx: StepContext) -> tuple[Branch, ...]:
-        """``(UNCOND, COND)``, or ``(COND,)`` when neutral at this step."""
-        return (UNCOND, COND) if self.coefficient(ctx) != 0.0 else (COND,)
-
     def apply(
         self, pred: Array, outputs: Mapping[Branch, Array], ctx: StepContext, state: Any = None
     ) -> tuple[Array, Any]:
@@ -121,15 +114,7 @@ class APG(Term):
         if c == 0.0:
             return pred, state
         needed = self.branches(ctx)
-        x_c = branch_output(outputs, COND, needed)
-        x_u = branch_output(outputs, UNCOND, needed)
-        check_shapes("APG", pred, outputs, COND, UNCOND)
-        xp = namespace(x_c, x_u)
-        if x_c.ndim < 2:
-            raise ValueError(
-                "APG needs predictions of shape (batch, ...) with at least one non-batch axis, "
-                f"got shape {tuple(x_c.shape)}"
-            )
+        x_c, x_u, xp = cond_uncond("APG", pred, outputs, needed, per_sample=True)
         work = compute_dtype(xp, x_c.dtype, "outputs")
         axes = tuple(range(1, x_c.ndim))
         diff = xp.astype(x_c, work) - xp.astype(x_u, work)

@@ -9,7 +9,7 @@ from typing import Any
 from .._array import Array
 from ..branches import Branch
 from ..weak_model import WeakModel
-from .base import COND, StepContext, Term, branch_output, check_scale
+from .base import COND, StepContext, Term, branch_output, check_scale, check_shapes
 from .schedules import ALWAYS, Schedule, check_schedule
 from .schedules import weight as schedule_weight
 
@@ -84,4 +84,5 @@ class Autoguidance(Term):
         needed = self.branches(ctx)
         x_main = branch_output(outputs, COND, needed)
         x_weak = branch_output(outputs, self.weak_branch, needed)
+        check_shapes("Autoguidance", pred, outputs, COND, self.weak_branch)
         return pred + c * (x_main - x_weak), state

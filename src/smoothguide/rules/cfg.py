@@ -8,14 +8,15 @@ from typing import Any
 
 from .._array import Array
 from ..branches import Branch
-from .base import COND, UNCOND, StepContext, Term, branch_output, check_scale, check_shapes
-from .schedules import ALWAYS, Schedule, check_schedule, weight
+from ._difference import ScaledDifference, cond_uncond
+from .base import StepContext, Term, check_scale
+from .schedules import ALWAYS, Schedule, check_schedule
 
 __all__ = ["CFG"]
 
 
 @dataclass(frozen=True)
-class CFG(Term):
+class CFG(ScaledDifference, Term):
     """Classifier-free guidance: ``x_u + w (x_c − x_u)``.
 
     Ho & Salimans, "Classifier-Free Diffusion Guidance" (2022), in the scale
@@ -53,14 +54,6 @@ class CFG(Term):
         object.__setattr__(self, "scale", check_scale(self.scale, "scale"))
         check_schedule(self.schedule)
 
-    def coefficient(self, ctx: StepContext) -> float:
-        """Effective coefficient of ``(x_c − x_u)`` at this step: ``ρ (w − 1)``."""
-        return weight(self.schedule, ctx) * (self.scale - 1.0)
-
-    def branches(self, ctx: StepContext) -> tuple[Branch, ...]:
-        """``(UNCOND, COND)``, or ``(COND,)`` when neutral at this step."""
-        return (UNCOND, COND) if self.coefficient(ctx) != 0.0 else (COND,)
-
     def apply(
         self, pred: Array, outputs: Mapping[Branch, Array], ctx: StepContext, state: Any = None
     ) -> tuple[Array, Any]:
@@ -69,7 +62,5 @@ class CFG(Term):
         if c == 0.0:
             return pred, state
         needed = self.branches(ctx)
-        x_c = branch_output(outputs, COND, needed)
-        x_u = branch_output(outputs, UNCOND, needed)
-        check_shapes("CFG", pred, outputs, COND, UNCOND)
+        x_c, x_u, _ = cond_uncond("CFG", pred, outputs, needed)
         return pred + c * (x_c - x_u), state

@@ -10,7 +10,8 @@ from typing import Any
 
 from .._array import Array, compute_dtype, namespace
 from ..branches import Branch
-from .base import COND, UNCOND, StepContext, Term, branch_output, check_scale
+from ._difference import ScaledDifference, cond_uncond
+from .base import StepContext, Term, check_scale
 from .schedules import ALWAYS, Schedule, check_schedule, weight
 
 __all__ = ["CFGZeroStar"]
@@ -19,7 +20,7 @@ _EPS = 1e-8  # added to ‖x_u‖², as in the official code and diffusers' cfg_
 
 
 @dataclass(frozen=True)
-class CFGZeroStar(Term):
+class CFGZeroStar(ScaledDifference, Term):
     """CFG-Zero*: CFG on a per-sample rescaled unconditional prediction, and zero-init.
 
     W. Fan, A. Y. Zheng, R. A. Yeh, Z. Liu, "CFG-Zero*: Improved
@@ -109,10 +110,6 @@ class CFGZeroStar(Term):
             return 0.0
         return weight(self.schedule, ctx) * (self.scale - 1.0)
 
-    def branches(self, ctx: StepContext) -> tuple[Branch, ...]:
-        """``(UNCOND, COND)``, or ``(COND,)`` when neutral or zero-initialised at this step."""
-        return (UNCOND, COND) if self.coefficient(ctx) != 0.0 else (COND,)
-
     def apply(
         self, pred: Array, outputs: Mapping[Branch, Array], ctx: StepContext, state: Any = None
     ) -> tuple[Array, Any]:
@@ -123,14 +120,7 @@ class CFGZeroStar(Term):
         if c == 0.0:
             return pred, state
         needed = self.branches(ctx)
-        x_c = branch_output(outputs, COND, needed)
-        x_u = branch_output(outputs, UNCOND, needed)
-        xp = namespace(x_c, x_u)
-        if x_c.ndim < 2:
-            raise ValueError(
-                "CFGZeroStar needs predictions of shape (batch, ...) with at least one non-batch "
-                f"axis, got shape {tuple(x_c.shape)}"
-            )
+        x_c, x_u, xp = cond_uncond("CFGZeroStar", pred, outputs, needed, per_sample=True)
         work = compute_dtype(xp, x_c.dtype, "outputs")
         axes = tuple(range(1, x_c.ndim))
         c_w, u_w = xp.astype(x_c, work), xp.astype(x_u, work)

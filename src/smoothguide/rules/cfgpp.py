@@ -9,7 +9,7 @@ from typing import Any
 from .._array import Array
 from ..branches import Branch
 from ._prediction import Prediction
-from .base import COND, UNCOND, StepContext, Term, branch_output, check_scale
+from .base import COND, UNCOND, StepContext, Term, branch_output, check_scale, check_shapes
 from .schedules import ALWAYS, Schedule, check_schedule, weight
 
 __all__ = ["CFGPlusPlus"]
@@ -87,6 +87,7 @@ class CFGPlusPlus(Term):
         needed = self.branches(ctx)
         x_c = branch_output(outputs, COND, needed)
         x_u = branch_output(outputs, UNCOND, needed)
+        check_shapes("CFGPlusPlus", pred, outputs, COND, UNCOND)
         return pred + c * (x_c - x_u), state
 
     def combine(

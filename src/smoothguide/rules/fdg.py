@@ -12,7 +12,7 @@ import numpy as np
 
 from .._array import Array, as_backend, compute_dtype, device_of, namespace
 from ..branches import Branch
-from .base import COND, UNCOND, StepContext, Term, branch_output, check_scale
+from .base import COND, UNCOND, StepContext, Term, branch_output, check_scale, check_shapes
 from .schedules import ALWAYS, Schedule, check_schedule, weight
 
 __all__ = ["FDG", "laplacian_pyramid", "reconstruct_pyramid"]
@@ -287,6 +287,7 @@ class FDG(Term):
         needed = self.branches(ctx)
         x_c = branch_output(outputs, COND, needed)
         x_u = branch_output(outputs, UNCOND, needed)
+        check_shapes("FDG", pred, outputs, COND, UNCOND)
         xp = namespace(x_c, x_u)
         _check_pyramid(x_c, self.levels, "the predictions")
         work = compute_dtype(xp, x_c.dtype, "outputs")

@@ -7,16 +7,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .._array import Array, compute_dtype, namespace
+from .._array import Array, compute_dtype
 from ..branches import Branch
-from .base import COND, UNCOND, StepContext, Term, branch_output, check_scale
-from .schedules import ALWAYS, Schedule, check_schedule, weight
+from ._difference import ScaledDifference, cond_uncond
+from .base import StepContext, Term, check_scale
+from .schedules import ALWAYS, Schedule, check_schedule
 
 __all__ = ["MAMBOG"]
 
 
 @dataclass(frozen=True)
-class MAMBOG(Term):
+class MAMBOG(ScaledDifference, Term):
     """MAMBO-G: magnitude-aware mitigation for boosted guidance.
 
     "Magnitude-Aware Mitigation for Boosted Guidance" (arXiv:2508.03442), as
@@ -62,14 +63,6 @@ class MAMBOG(Term):
         object.__setattr__(self, "alpha", check_scale(self.alpha, "alpha"))
         check_schedule(self.schedule)
 
-    def coefficient(self, ctx: StepContext) -> float:
-        """Effective coefficient ``ρ (w − 1)`` at this step (before the damping)."""
-        return weight(self.schedule, ctx) * (self.scale - 1.0)
-
-    def branches(self, ctx: StepContext) -> tuple[Branch, ...]:
-        """``(UNCOND, COND)``, or ``(COND,)`` when neutral at this step."""
-        return (UNCOND, COND) if self.coefficient(ctx) != 0.0 else (COND,)
-
     def apply(
         self, pred: Array, outputs: Mapping[Branch, Array], ctx: StepContext, state: Any = None
     ) -> tuple[Array, Any]:
@@ -78,14 +71,7 @@ class MAMBOG(Term):
         if c == 0.0:
             return pred, state
         needed = self.branches(ctx)
-        x_c = branch_output(outputs, COND, needed)
-        x_u = branch_output(outputs, UNCOND, needed)
-        xp = namespace(x_c, x_u)
-        if x_c.ndim < 2:
-            raise ValueError(
-                "MAMBOG needs predictions of shape (batch, ...) with at least one non-batch axis, "
-                f"got shape {tuple(x_c.shape)}"
-            )
+        x_c, x_u, xp = cond_uncond("MAMBOG", pred, outputs, needed, per_sample=True)
         work = compute_dtype(xp, x_c.dtype, "outputs")
         axes = tuple(range(1, x_c.ndim))
         diff = xp.astype(x_c, work) - xp.astype(x_u, work)

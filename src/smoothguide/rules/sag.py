@@ -10,7 +10,16 @@ from .._array import Array
 from ..branches import Branch
 from ..perturbations import LayerSelection
 from ..sag import AttentionMaskedBlur
-from .base import COND, UNCOND, StepContext, Term, branch_output, check_scale, unique_branches
+from .base import (
+    COND,
+    UNCOND,
+    StepContext,
+    Term,
+    branch_output,
+    check_scale,
+    check_shapes,
+    unique_branches,
+)
 from .cfg import CFG
 from .schedules import ALWAYS, Schedule, check_schedule
 from .schedules import weight as schedule_weight
@@ -122,4 +131,5 @@ class SAG(Term):
         needed = self.branches(ctx)
         x_src = branch_output(outputs, self.source, needed)
         x_bar = branch_output(outputs, self.sag_branch, needed)
+        check_shapes("SAG", pred, outputs, self.source, self.sag_branch)
         return pred + c * (x_src - x_bar), state

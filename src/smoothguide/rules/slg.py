@@ -10,7 +10,16 @@ from .._array import Array
 from ..branches import Branch
 from ..layer_skip import LayerSkip, Skip
 from ..perturbations import LayerSelection
-from .base import COND, UNCOND, StepContext, Term, branch_output, check_scale, unique_branches
+from .base import (
+    COND,
+    UNCOND,
+    StepContext,
+    Term,
+    branch_output,
+    check_scale,
+    check_shapes,
+    unique_branches,
+)
 from .cfg import CFG
 from .schedules import ALWAYS, Schedule, check_schedule
 from .schedules import weight as schedule_weight
@@ -134,6 +143,7 @@ class SLG(Term):
         needed = self.branches(ctx)
         x_c = branch_output(outputs, COND, needed)
         x_s = branch_output(outputs, self.skip_branch, needed)
+        check_shapes("SLG", pred, outputs, COND, self.skip_branch)
         cfg_active = UNCOND in needed
         if not cfg_active:
             # diffusers: pred_cond_skip + s (pred_cond - pred_cond_skip), pred starts at x_c

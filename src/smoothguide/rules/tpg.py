@@ -10,7 +10,7 @@ from .._array import Array
 from ..branches import Branch
 from ..perturbations import LayerSelection
 from ..token_permutation import TokenPermutation
-from .base import COND, StepContext, Term, branch_output, check_scale, unique_branches
+from .base import COND, StepContext, Term, branch_output, check_scale, check_shapes, unique_branches
 from .cfg import CFG
 from .schedules import ALWAYS, Schedule, check_schedule
 from .schedules import weight as schedule_weight
@@ -103,4 +103,5 @@ class TPG(Term):
         needed = self.branches(ctx)
         x_c = branch_output(outputs, COND, needed)
         x_p = branch_output(outputs, self.tpg_branch, needed)
+        check_shapes("TPG", pred, outputs, COND, self.tpg_branch)
         return pred + c * (x_c - x_p), state
