@@ -69,7 +69,8 @@ def tests_kernels(session: nox.Session) -> None:
             "SMOOTHGUIDE_TEST_BACKENDS": "numpy,array_api_strict,torch",
         }
         session.log(f"ATEN_CPU_CAPABILITY={cap} OMP_NUM_THREADS={threads}")
-        session.run("pytest", "-q", "-m", "numerics", *session.posargs, env=env)
+        # JAX is not installed here (its XLA kernels ignore ATEN_CPU_CAPABILITY): deselect, not skip.
+        session.run("pytest", "-q", "-m", "numerics", "-k", "not jax", *session.posargs, env=env)
 
 
 def _oldest_pins() -> list[str]:
