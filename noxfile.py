@@ -69,7 +69,7 @@ def tests_kernels(session: nox.Session) -> None:
             "SMOOTHGUIDE_TEST_BACKENDS": "numpy,array_api_strict,torch",
         }
         session.log(f"ATEN_CPU_CAPABILITY={cap} OMP_NUM_THREADS={threads}")
-        # JAX is not installed here (its XLA kernels ignore ATEN_CPU_CAPABILITY): deselect, not skip.
+        # No JAX here (XLA kernels ignore ATEN_CPU_CAPABILITY): deselect it, not skip.
         session.run("pytest", "-q", "-m", "numerics", "-k", "not jax", *session.posargs, env=env)
 
 
