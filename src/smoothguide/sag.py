@@ -103,6 +103,18 @@ def sag_mask(
     -------
     array
         ``(batch, 1, H, W)`` of 0 / 1 in ``probs``' dtype.
+
+    Examples
+    --------
+    Every query attends to key 0 only: that key's column sums to 4, the others to 0.
+
+    >>> import numpy as np
+    >>> from smoothguide import TokenGrid
+    >>> probs = np.zeros((1, 1, 4, 4))
+    >>> probs[..., 0] = 1.0
+    >>> sag_mask(probs, TokenGrid(2, 2), (2, 2))[0, 0]
+    array([[1., 0.],
+           [0., 0.]])
     """
     xp = namespace(probs)
     if probs.ndim != 4 or probs.shape[-1] != probs.shape[-2] or probs.shape[-1] != grid.num_tokens:
@@ -139,6 +151,17 @@ def sag_degrade(x0: Array, mask: Array, p: AttentionMaskedBlur | None = None) ->
     -------
     array
         Same shape, dtype and backend as ``x0``.
+
+    Examples
+    --------
+    A zero mask keeps ``x0``; a full mask blurs it (a constant stays constant).
+
+    >>> import numpy as np
+    >>> x0 = np.random.default_rng(0).normal(size=(1, 1, 6, 6))
+    >>> bool(np.array_equal(sag_degrade(x0, np.zeros((1, 1, 6, 6))), x0))
+    True
+    >>> np.allclose(sag_degrade(np.ones((1, 1, 6, 6)), np.ones((1, 1, 6, 6))), 1.0)
+    True
     """
     p = AttentionMaskedBlur() if p is None else p
     xp = namespace(x0)

@@ -77,6 +77,13 @@ def mnist_5k_csv_text() -> str:
     -------
     str
         The CSV text; its SHA-256 is :data:`MNIST_5K_CSV_SHA256`.
+
+    Examples
+    --------
+    >>> text = mnist_5k_csv_text()
+    >>> rows = text.splitlines()
+    >>> len(rows), len(rows[0].split(","))
+    (5000, 785)
     """
     pixels, labels, _, _ = _read()
     rows = np.concatenate([pixels, labels[:, None]], axis=1).astype(np.int64)
