@@ -165,3 +165,68 @@ def test_shipped_examples_validate():
     assert sig == [1.0, 2.0, 5.0, 10.0, math.inf]
     uncond = load_study(os.path.join(EXAMPLES, "sdxl_paper_unconditional.toml"))
     assert uncond.items() == ["null"]
+
+
+def test_library_rules_and_tuple_parameters_round_trip_through_toml(tmp_path):
+    # the study registry builds every library rule from TOML exactly as the class itself
+    from smoothguide.rules import FDG, MAMBOG, SAG, SLG, TCFG, TPG, CFGZeroStar
+
+    path = tmp_path / "s.toml"
+    path.write_text(
+        textwrap.dedent(
+            """
+            name = "lib"
+            model = "demo"
+            labels = [1]
+            seeds = 1
+            metrics = ["rms"]
+            [[rules]]
+            rule = "CFGZeroStar"
+            scale = 2.0
+            [[rules]]
+            rule = "TCFG"
+            scale = 2.0
+            [[rules]]
+            rule = "FDG"
+            scales = [[3.0, 1.5]]
+            [[rules]]
+            rule = "MAMBOG"
+            scale = 2.0
+            [[rules]]
+            rule = "SLG"
+            layers = "blocks.2.attn"
+            [[rules]]
+            rule = "TPG"
+            scale = 0.5
+            [[rules]]
+            rule = "SAG"
+            layers = "blocks.2.attn"
+            [[rules]]
+            rule = "SEG"
+            sigma = "inf"
+            heads = [[0, 2]]
+            """
+        )
+    )
+    built = [s.build() for s in load_study(path).settings()[1:]]
+    assert built == [
+        CFGZeroStar(2.0),
+        TCFG(2.0),
+        FDG(scales=(3.0, 1.5)),
+        MAMBOG(2.0),
+        SLG(layers="blocks.2.attn"),
+        TPG(0.5),
+        SAG(layers="blocks.2.attn"),
+        SEG(sigma=math.inf, heads=(0, 2)),
+    ]
+
+
+def test_shipped_demo_comparison_studies_validate():
+    lib = load_study(os.path.join(EXAMPLES, "demo_rule_library.toml"))
+    fams = {x.family for x in lib.settings()}
+    assert {"CFG", "CFGZeroStar", "TCFG", "FDG", "APG", "MAMBOG"} <= fams
+    assert "null" not in lib.items()  # the library rules are compared class-conditionally
+    pert = load_study(os.path.join(EXAMPLES, "demo_perturbations.toml"))
+    fams = {x.family for x in pert.settings()}
+    assert {"SEG", "SEG one head", "PAG", "SLG", "TPG", "SAG"} <= fams
+    assert pert.items() == ["null"]

@@ -70,6 +70,13 @@ RULES: dict[str, Any] = {
     "PAG": _rules.PAG,
     "APG": _rules.APG,
     "Rescale": _rules.Rescale,
+    "CFGZeroStar": _rules.CFGZeroStar,
+    "TCFG": _rules.TCFG,
+    "FDG": _rules.FDG,
+    "MAMBOG": _rules.MAMBOG,
+    "SLG": _rules.SLG,
+    "TPG": _rules.TPG,
+    "SAG": _rules.SAG,
 }
 #: Per-rule parameters a study may set (schedules stay at their defaults).
 _SCHEDULES = {"schedule", "cfg_schedule"}
@@ -188,8 +195,9 @@ def _build(spec: Mapping[str, Any]) -> Any:
     params = {k: (_num(v, k) if k in ("sigma", "scale") else v) for k, v in spec["params"].items()}
     if isinstance(params.get("sigma"), list):
         params["sigma"] = tuple(_num(x, "sigma") for x in params["sigma"])
-    if isinstance(params.get("layers"), list):
-        params["layers"] = tuple(params["layers"])
+    for key in ("layers", "heads", "scales"):  # JSON lists back to the tuples the rules take
+        if isinstance(params.get(key), list):
+            params[key] = tuple(params[key])
     return RULES[spec["rule"]](**params)
 
 

@@ -14,6 +14,7 @@ and writes to ``DIR/report`` (or ``--out``):
 from __future__ import annotations
 
 import csv
+import importlib
 import io
 import json
 import math
@@ -136,12 +137,17 @@ def _pareto(metrics: dict[str, Any], path: str) -> bool:
     ykey = next((k for k in ("fd", "kid") if any(r.get(k) is not None for r in rows)), None)
     if ykey is None or not any(r.get("rms") is not None for r in rows):
         return False
-    fig = _figure(6.5, 4.5)
+    fig = _figure(8.0, 6.0)
     ax = fig.add_subplot(1, 1, 1)
     base = rows[0]
     families: dict[str, list[dict[str, Any]]] = {}
     for r in rows[1:]:
         families.setdefault(r["family"], []).append(r)
+    from ..demo.plots import PARETO_FONT, _place_labels  # the demo's overlap-free labels
+
+    agg = importlib.import_module("matplotlib.backends.backend_agg")
+    agg.FigureCanvasAgg(fig)  # a renderer to measure the labels with
+    todo: list[tuple[float, float, str]] = []
     markers = "osD^v<>p"
     for i, (fam, pts) in enumerate(families.items()):
         pts = sorted(pts, key=lambda r: float(r["rms"]))
@@ -152,10 +158,10 @@ def _pareto(metrics: dict[str, Any], path: str) -> bool:
             label=fam,
         )
         for p in pts:
-            label = p["name"].replace(fam, "", 1).strip() if fam in p["name"] else p["name"]
-            ax.annotate(
-                label, (p["rms"], p[ykey]), textcoords="offset points", xytext=(3, 3), fontsize=6
-            )
+            label = p["name"].replace(p["spec"]["rule"], "", 1) if "spec" in p else p["name"]
+            # parameters shared by the whole family (the layer, ...) would only crowd the plot
+            label = " ".join(w for w in label.split() if not w.startswith("layers="))
+            todo.append((float(p["rms"]), float(p[ykey]), label or fam))
     if base.get(ykey) is not None:
         ax.plot(
             [0.0],
@@ -169,9 +175,11 @@ def _pareto(metrics: dict[str, Any], path: str) -> bool:
     ax.set_xlabel("deviation from the unguided sample of the same seed (RMS)")
     ax.set_ylabel(f"{ykey} (lower is better)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title(f"{metrics['study']}: quality vs deviation", fontsize=9)
+    ax.margins(0.12)
+    ax.legend(fontsize=PARETO_FONT - 2, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=4)
+    ax.set_title(f"{metrics['study']}: quality vs deviation", fontsize=PARETO_FONT)
     fig.tight_layout()
+    _place_labels(ax, todo, fig.canvas.get_renderer())
     atomic_write(path, _png(fig))
     return True
 
