@@ -269,3 +269,17 @@ def test_other_threads_are_not_skipped_or_permuted(dit: torch.nn.Module) -> None
             mine = _run(dit, kw)
         assert torch.equal(seen[0], plain)  # the other thread ran the plain model
         assert not torch.equal(mine, plain)
+
+
+def test_slg_scale_one_without_cfg_is_neutral_and_skips_its_branch() -> None:
+    # x̃_c + 1 · (x_c − x̃_c) is x_c: the skip forward is not run, the result is x_c exactly
+    rng = np.random.default_rng(0)
+    x_c = rng.normal(size=(2, 4, 3, 3))
+    rule = SLG(1.0, layers="block.1", start=0.0, stop=1.0)
+    ctx = StepContext(1.0, step=3, num_steps=10)
+    assert rule.branches(ctx) == (COND,)
+    out, _ = rule.combine({COND: x_c}, ctx)
+    assert np.array_equal(out, x_c)
+    # with CFG, s = 1 is a real term and needs its branch
+    with_cfg = SLG(1.0, layers="block.1", start=0.0, stop=1.0, cfg_scale=3.0)
+    assert with_cfg.skip_branch in with_cfg.branches(ctx)

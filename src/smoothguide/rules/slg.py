@@ -41,10 +41,11 @@ class SLG(Term):
         w ≠ 1:   x_u + w (x_c − x_u) + s (x_c − x̃_c)       neutral: s = 0
 
     (diffusers' default, ``use_original_formulation=False``; note the base
-    ``x̃_c`` without CFG, so inside :class:`~smoothguide.rules.Compose` the
-    running prediction is shifted by ``x̃_c − x_c``). As in diffusers, a scale of 0
-    skips the branch, and with ``num_steps`` known the skip branch runs only at
-    steps ``int(start · n) < step < int(stop · n)``; the schedule's weight ρ
+    ``x̃_c`` without CFG, where ``ρ s = 1`` is neutral and skips the branch, so
+    inside :class:`~smoothguide.rules.Compose` the running prediction is shifted
+    by ``x̃_c − x_c``). As in diffusers, a scale of 0 skips the branch, and with
+    ``num_steps`` known the skip branch runs only at steps
+    ``int(start · n) < step < int(stop · n)``; the schedule's weight ρ
     multiplies ``s`` on top.
 
     Parameters
@@ -127,9 +128,20 @@ class SLG(Term):
             return 0.0
         return schedule_weight(self.schedule, ctx) * self.scale
 
+    def skips(self, ctx: StepContext) -> bool:
+        """True when the skip branch is needed: ``ρ s ≠ 0``, and ``ρ s ≠ 1`` without CFG.
+
+        Without CFG the formula is ``x̃_c + ρ s (x_c − x̃_c)``, exactly ``x_c`` at
+        ``ρ s = 1``: neutral, so the skip branch is not evaluated.
+        """
+        c = self.coefficient(ctx)
+        if c == 0.0:
+            return False
+        return c != 1.0 or UNCOND in self.cfg.branches(ctx)
+
     def branches(self, ctx: StepContext) -> tuple[Branch, ...]:
         """The CFG part's branches, plus ``cond`` and the skip branch when active."""
-        own = (COND, self.skip_branch) if self.coefficient(ctx) != 0.0 else ()
+        own = (COND, self.skip_branch) if self.skips(ctx) else ()
         return unique_branches(self.cfg.branches(ctx), own)
 
     def apply(
@@ -138,7 +150,7 @@ class SLG(Term):
         """The CFG part, then ``s (x_c − x̃_c)``; without CFG the base becomes ``x̃_c``."""
         c = self.coefficient(ctx)
         pred, state = self.cfg.apply(pred, outputs, ctx, state)
-        if c == 0.0:
+        if not self.skips(ctx):
             return pred, state
         needed = self.branches(ctx)
         x_c = branch_output(outputs, COND, needed)
