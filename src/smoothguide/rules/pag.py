@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
 
-from .._array import Array
 from ..branches import Branch
 from ..perturbations import IdentityAttention, LayerSelection
-from .base import (
-    COND,
-    StepContext,
-    Term,
-    branch_output,
-    check_scale,
-    check_shapes,
-    unique_branches,
-)
-from .cfg import CFG
+from ._perturbed import PerturbedDifference
+from .base import StepContext, Term, check_scale
 from .schedules import ALWAYS, Schedule, check_schedule
 from .schedules import weight as schedule_weight
 
@@ -26,7 +16,7 @@ __all__ = ["PAG"]
 
 
 @dataclass(frozen=True)
-class PAG(Term):
+class PAG(PerturbedDifference, Term):
     """Perturbed-Attention Guidance: guide away from a prediction with identity self-attention.
 
     D. Ahn et al., "Self-Rectifying Diffusion Sampling with Perturbed-Attention
@@ -105,32 +95,10 @@ class PAG(Term):
         """The perturbed conditional branch."""
         return Branch("cond", self.perturbation)
 
-    @property
-    def cfg(self) -> CFG:
-        """The CFG part, ``CFG(cfg_scale, cfg_schedule)``."""
-        return CFG(self.cfg_scale, self.cfg_schedule)
+    perturbed = pag_branch
 
     def coefficient(self, ctx: StepContext) -> float:
         """Effective coefficient ``ρ s`` of ``(x_c − x̂_c)`` at this step (0 when ``weight = 0``)."""
         if self.perturbation.is_identity:
             return 0.0
         return schedule_weight(self.schedule, ctx) * self.scale
-
-    def branches(self, ctx: StepContext) -> tuple[Branch, ...]:
-        """The CFG part's branches, plus ``cond`` and the perturbed branch when active."""
-        own = (COND, self.pag_branch) if self.coefficient(ctx) != 0.0 else ()
-        return unique_branches(self.cfg.branches(ctx), own)
-
-    def apply(
-        self, pred: Array, outputs: Mapping[Branch, Array], ctx: StepContext, state: Any = None
-    ) -> tuple[Array, Any]:
-        """Add the CFG part, then ``ρ s (x_c − x̂_c)``."""
-        pred, state = self.cfg.apply(pred, outputs, ctx, state)
-        c = self.coefficient(ctx)
-        if c == 0.0:
-            return pred, state
-        needed = self.branches(ctx)
-        x_c = branch_output(outputs, COND, needed)
-        x_p = branch_output(outputs, self.pag_branch, needed)
-        check_shapes("PAG", pred, outputs, COND, self.pag_branch)
-        return pred + c * (x_c - x_p), state

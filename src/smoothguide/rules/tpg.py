@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
 
-from .._array import Array
 from ..branches import Branch
 from ..perturbations import LayerSelection
 from ..token_permutation import TokenPermutation
-from .base import COND, StepContext, Term, branch_output, check_scale, check_shapes, unique_branches
-from .cfg import CFG
+from ._perturbed import PerturbedDifference
+from .base import Term, check_scale
 from .schedules import ALWAYS, Schedule, check_schedule
-from .schedules import weight as schedule_weight
 
 __all__ = ["TPG"]
 
 
 @dataclass(frozen=True)
-class TPG(Term):
+class TPG(PerturbedDifference, Term):
     """Token Perturbation Guidance: guide away from a prediction with shuffled block inputs.
 
     J. Rajabi et al., "Token Perturbation Guidance for Diffusion Models",
@@ -48,6 +45,7 @@ class TPG(Term):
     Examples
     --------
     >>> import numpy as np
+    >>> from smoothguide.rules import COND, StepContext
     >>> rule = TPG(2.0)
     >>> rule.combine({COND: np.array([1.0]), rule.tpg_branch: np.array([0.5])}, StepContext(1.0))[0]
     array([2.])
@@ -78,30 +76,5 @@ class TPG(Term):
         """The perturbed conditional branch."""
         return Branch("cond", self.perturbation)
 
-    @property
-    def cfg(self) -> CFG:
-        """The CFG part, ``CFG(cfg_scale, cfg_schedule)``."""
-        return CFG(self.cfg_scale, self.cfg_schedule)
+    perturbed = tpg_branch
 
-    def coefficient(self, ctx: StepContext) -> float:
-        """Effective coefficient ``ρ s`` of ``(x_c − x̌_c)`` at this step."""
-        return schedule_weight(self.schedule, ctx) * self.scale
-
-    def branches(self, ctx: StepContext) -> tuple[Branch, ...]:
-        """The CFG part's branches, plus ``cond`` and the perturbed branch when active."""
-        own = (COND, self.tpg_branch) if self.coefficient(ctx) != 0.0 else ()
-        return unique_branches(self.cfg.branches(ctx), own)
-
-    def apply(
-        self, pred: Array, outputs: Mapping[Branch, Array], ctx: StepContext, state: Any = None
-    ) -> tuple[Array, Any]:
-        """Add the CFG part, then ``ρ s (x_c − x̌_c)``."""
-        pred, state = self.cfg.apply(pred, outputs, ctx, state)
-        c = self.coefficient(ctx)
-        if c == 0.0:
-            return pred, state
-        needed = self.branches(ctx)
-        x_c = branch_output(outputs, COND, needed)
-        x_p = branch_output(outputs, self.tpg_branch, needed)
-        check_shapes("TPG", pred, outputs, COND, self.tpg_branch)
-        return pred + c * (x_c - x_p), state
