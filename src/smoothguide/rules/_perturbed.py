@@ -1,4 +1,4 @@
-"""What PAG and TPG share: a CFG part plus ``ρ s (x_c − x_p)``, ``x_p`` a perturbed branch."""
+"""What PAG, TPG, SLG and SAG share: CFG plus ``ρ s (x_b − x_p)``, ``x_p`` a perturbed branch."""
 
 from __future__ import annotations
 
@@ -16,11 +16,14 @@ __all__ = ["PerturbedDifference"]
 
 
 class PerturbedDifference:
-    """Mixin: ``CFG(cfg_scale) + ρ s (x_c − x_p)``, ``x_p`` the output of :attr:`perturbed`.
+    """Mixin: ``CFG(cfg_scale) + ρ s (x_b − x_p)``, ``x_p`` the output of :attr:`perturbed`.
 
     The class using it has the fields ``scale``, ``schedule``, ``cfg_scale`` and
-    ``cfg_schedule`` and defines :attr:`perturbed`, the perturbed conditional
-    branch. ``ρ s = 0`` skips that branch.
+    ``cfg_schedule`` and defines :attr:`perturbed`, the perturbed branch of
+    :attr:`source` ``b`` (``cond`` unless the rule says otherwise, e.g. SAG with
+    CFG perturbs ``uncond``). The branch is evaluated only when :meth:`active`
+    (by default ``ρ s ≠ 0``); a rule whose base is not the CFG prediction
+    (SLG without CFG) overrides :meth:`rebase`.
     """
 
     scale: float
@@ -30,8 +33,13 @@ class PerturbedDifference:
 
     @property
     def perturbed(self) -> Branch:  # pragma: no cover - defined by the rule
-        """The perturbed conditional branch."""
+        """The perturbed branch."""
         raise NotImplementedError
+
+    @property
+    def source(self) -> Branch:
+        """The branch ``b`` whose perturbation :attr:`perturbed` is: ``cond``."""
+        return COND
 
     @property
     def cfg(self) -> CFG:
@@ -39,24 +47,32 @@ class PerturbedDifference:
         return CFG(self.cfg_scale, self.cfg_schedule)
 
     def coefficient(self, ctx: StepContext) -> float:
-        """Effective coefficient ``ρ s`` of ``(x_c − x_p)`` at this step."""
+        """Effective coefficient ``ρ s`` of ``(x_b − x_p)`` at this step."""
         return schedule_weight(self.schedule, ctx) * self.scale
 
+    def active(self, ctx: StepContext) -> bool:
+        """True when the perturbed branch is needed at this step: ``ρ s ≠ 0``."""
+        return self.coefficient(ctx) != 0.0
+
     def branches(self, ctx: StepContext) -> tuple[Branch, ...]:
-        """The CFG part's branches, plus ``cond`` and the perturbed branch when active."""
-        own = (COND, self.perturbed) if self.coefficient(ctx) != 0.0 else ()
+        """The CFG part's branches, plus the source and the perturbed branch when active."""
+        own = (self.source, self.perturbed) if self.active(ctx) else ()
         return unique_branches(self.cfg.branches(ctx), own)
+
+    def rebase(self, pred: Array, x_b: Array, x_p: Array, needed: tuple[Branch, ...]) -> Array:
+        """The base the term is added to: the running (CFG) prediction, unchanged."""
+        return pred
 
     def apply(
         self, pred: Array, outputs: Mapping[Branch, Array], ctx: StepContext, state: Any = None
     ) -> tuple[Array, Any]:
-        """Add the CFG part, then ``ρ s (x_c − x_p)``."""
+        """Add the CFG part, then ``ρ s (x_b − x_p)`` to :meth:`rebase`'s base."""
         pred, state = self.cfg.apply(pred, outputs, ctx, state)
-        c = self.coefficient(ctx)
-        if c == 0.0:
+        if not self.active(ctx):
             return pred, state
         needed = self.branches(ctx)
-        x_c = branch_output(outputs, COND, needed)
+        x_b = branch_output(outputs, self.source, needed)
         x_p = branch_output(outputs, self.perturbed, needed)
-        check_shapes(type(self).__name__, pred, outputs, COND, self.perturbed)
-        return pred + c * (x_c - x_p), state
+        check_shapes(type(self).__name__, pred, outputs, self.source, self.perturbed)
+        pred = self.rebase(pred, x_b, x_p, needed)
+        return pred + self.coefficient(ctx) * (x_b - x_p), state

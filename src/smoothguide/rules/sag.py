@@ -2,33 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
 
-from .._array import Array
 from ..branches import Branch
 from ..perturbations import LayerSelection
 from ..sag import AttentionMaskedBlur
+from ._perturbed import PerturbedDifference
 from .base import (
     COND,
     UNCOND,
-    StepContext,
     Term,
-    branch_output,
     check_scale,
-    check_shapes,
-    unique_branches,
 )
-from .cfg import CFG
 from .schedules import ALWAYS, Schedule, check_schedule
-from .schedules import weight as schedule_weight
 
 __all__ = ["SAG"]
 
 
 @dataclass(frozen=True)
-class SAG(Term):
+class SAG(PerturbedDifference, Term):
     """Self-Attention Guidance: guide away from the model at an attention-masked blurred input.
 
     S. Hong, G. Lee, W. Jang, S. Kim, "Improving Sample Quality of Diffusion
@@ -62,6 +55,7 @@ class SAG(Term):
     Examples
     --------
     >>> import numpy as np
+    >>> from smoothguide.rules import COND, UNCOND, StepContext
     >>> rule = SAG(0.5)
     >>> outs = {COND: np.array([1.0]), rule.sag_branch: np.array([0.6])}
     >>> rule.combine(outs, StepContext(1.0))[0]  # 1.0 + 0.5 * 0.4
@@ -106,30 +100,4 @@ class SAG(Term):
         """The SAG branch (conditioning of :attr:`source`)."""
         return Branch(self.source.conditioning, self.perturbation)
 
-    @property
-    def cfg(self) -> CFG:
-        """The CFG part, ``CFG(cfg_scale, cfg_schedule)``."""
-        return CFG(self.cfg_scale, self.cfg_schedule)
-
-    def coefficient(self, ctx: StepContext) -> float:
-        """Effective coefficient ``ρ s`` at this step."""
-        return schedule_weight(self.schedule, ctx) * self.scale
-
-    def branches(self, ctx: StepContext) -> tuple[Branch, ...]:
-        """The CFG part's branches, plus the source and SAG branch when active."""
-        own = (self.source, self.sag_branch) if self.coefficient(ctx) != 0.0 else ()
-        return unique_branches(self.cfg.branches(ctx), own)
-
-    def apply(
-        self, pred: Array, outputs: Mapping[Branch, Array], ctx: StepContext, state: Any = None
-    ) -> tuple[Array, Any]:
-        """Add the CFG part, then ``ρ s (x_src − x̄_src)``."""
-        pred, state = self.cfg.apply(pred, outputs, ctx, state)
-        c = self.coefficient(ctx)
-        if c == 0.0:
-            return pred, state
-        needed = self.branches(ctx)
-        x_src = branch_output(outputs, self.source, needed)
-        x_bar = branch_output(outputs, self.sag_branch, needed)
-        check_shapes("SAG", pred, outputs, self.source, self.sag_branch)
-        return pred + c * (x_src - x_bar), state
+    perturbed = sag_branch

@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
 
 from .._array import Array
 from ..branches import Branch
 from ..layer_skip import LayerSkip, Skip
 from ..perturbations import LayerSelection
+from ._perturbed import PerturbedDifference
 from .base import (
-    COND,
     UNCOND,
     StepContext,
     Term,
-    branch_output,
     check_scale,
-    check_shapes,
-    unique_branches,
 )
-from .cfg import CFG
 from .schedules import ALWAYS, Schedule, check_schedule
 from .schedules import weight as schedule_weight
 
@@ -28,7 +23,7 @@ __all__ = ["SLG"]
 
 
 @dataclass(frozen=True)
-class SLG(Term):
+class SLG(PerturbedDifference, Term):
     """Skip-Layer Guidance: guide away from the prediction with chosen blocks skipped.
 
     Stability AI's SLG for SD3.5 (github.com/Stability-AI/sd3.5) and STG for
@@ -68,6 +63,7 @@ class SLG(Term):
     Examples
     --------
     >>> import numpy as np
+    >>> from smoothguide.rules import COND, UNCOND, StepContext
     >>> rule = SLG(2.0, layers="block.1", cfg_scale=5.0)
     >>> outs = {UNCOND: np.array([0.0]), COND: np.array([1.0]), rule.skip_branch: np.array([0.5])}
     >>> rule.combine(outs, StepContext(1.0))[0]  # 0 + 5 * 1 + 2 * 0.5
@@ -110,10 +106,7 @@ class SLG(Term):
         """The conditional branch with the layers skipped."""
         return Branch("cond", self.perturbation)
 
-    @property
-    def cfg(self) -> CFG:
-        """The CFG part, ``CFG(cfg_scale, cfg_schedule)``."""
-        return CFG(self.cfg_scale, self.cfg_schedule)
+    perturbed = skip_branch
 
     def in_window(self, ctx: StepContext) -> bool:
         """diffusers' window: ``int(start · n) < step < int(stop · n)``; True when n is unknown."""
@@ -139,25 +132,11 @@ class SLG(Term):
             return False
         return c != 1.0 or UNCOND in self.cfg.branches(ctx)
 
-    def branches(self, ctx: StepContext) -> tuple[Branch, ...]:
-        """The CFG part's branches, plus ``cond`` and the skip branch when active."""
-        own = (COND, self.skip_branch) if self.skips(ctx) else ()
-        return unique_branches(self.cfg.branches(ctx), own)
+    active = skips
 
-    def apply(
-        self, pred: Array, outputs: Mapping[Branch, Array], ctx: StepContext, state: Any = None
-    ) -> tuple[Array, Any]:
-        """The CFG part, then ``s (x_c − x̃_c)``; without CFG the base becomes ``x̃_c``."""
-        c = self.coefficient(ctx)
-        pred, state = self.cfg.apply(pred, outputs, ctx, state)
-        if not self.skips(ctx):
-            return pred, state
-        needed = self.branches(ctx)
-        x_c = branch_output(outputs, COND, needed)
-        x_s = branch_output(outputs, self.skip_branch, needed)
-        check_shapes("SLG", pred, outputs, COND, self.skip_branch)
-        cfg_active = UNCOND in needed
-        if not cfg_active:
-            # diffusers: pred_cond_skip + s (pred_cond - pred_cond_skip), pred starts at x_c
-            pred = pred - x_c + x_s
-        return pred + c * (x_c - x_s), state
+    def rebase(self, pred: Array, x_b: Array, x_p: Array, needed: tuple[Branch, ...]) -> Array:
+        """Without CFG the base is ``x̃_c`` (diffusers), with CFG the CFG prediction."""
+        if UNCOND in needed:
+            return pred
+        # diffusers: pred_cond_skip + s (pred_cond - pred_cond_skip); pred starts at x_c
+        return pred - x_b + x_p

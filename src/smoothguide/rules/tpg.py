@@ -77,4 +77,3 @@ class TPG(PerturbedDifference, Term):
         return Branch("cond", self.perturbation)
 
     perturbed = tpg_branch
-
