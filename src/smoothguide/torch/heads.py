@@ -40,6 +40,36 @@ def blur_query_rows(
 
     σ is ``p.absolute_sigma(grid)`` (resolution-relative σ resolved on this
     layer's grid); every other row and head is returned bit-identical.
+
+    Parameters
+    ----------
+    name
+        The attention layer's name (for error messages).
+    q
+        Queries ``(batch, heads, tokens, dim)``.
+    ix
+        Batch rows to blur, a 1-D integer tensor on ``q``'s device.
+    grid
+        The layer's :class:`~smoothguide.grid.TokenGrid` (text tokens outside it
+        are not blurred).
+    p
+        The :class:`~smoothguide.perturbations.QuerySmoothing` (σ, radius, mode,
+        heads).
+
+    Returns
+    -------
+    torch.Tensor
+        A new tensor of ``q``'s shape, dtype and device.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from smoothguide.grid import TokenGrid
+    >>> from smoothguide.perturbations import QuerySmoothing
+    >>> q = torch.randn(2, 2, 16, 4)
+    >>> out = blur_query_rows("attn", q, torch.tensor([1]), TokenGrid(4, 4), QuerySmoothing(1.0))
+    >>> torch.equal(out[0], q[0]), torch.equal(out[1], q[1])
+    (True, False)
     """
     sigma = p.absolute_sigma(grid)
     rows = q.index_select(0, ix)
@@ -66,6 +96,38 @@ def identity_rows(
     ``w = p.weight``: those entries become ``(1 − w) · out + w · V``, i.e. the
     attention map ``(1 − w) A + w I`` applied to ``V`` (``w = 1``: exactly ``V``,
     PAG). Non-grid tokens (text of joint attention) keep their attention.
+
+    Parameters
+    ----------
+    name
+        The attention layer's name (for error messages).
+    out
+        The attention output ``(batch, heads, tokens, dim)``.
+    q, v
+        The layer's queries and values; ``v`` must match ``out``'s shape and
+        ``q``'s batch, heads and tokens (else ``RuntimeError``).
+    ix
+        Batch rows to change, a 1-D integer tensor on ``out``'s device.
+    grid
+        The layer's :class:`~smoothguide.grid.TokenGrid`.
+    p
+        The :class:`~smoothguide.perturbations.IdentityAttention` (weight, heads).
+
+    Returns
+    -------
+    torch.Tensor
+        A new tensor of ``out``'s shape and dtype.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from smoothguide.grid import TokenGrid
+    >>> from smoothguide.perturbations import IdentityAttention
+    >>> q, v, out = torch.randn(3, 2, 1, 4, 8).unbind(0)
+    >>> ix, grid = torch.tensor([0]), TokenGrid(2, 2)
+    >>> new = identity_rows("attn", out, q, v, ix, grid, IdentityAttention())
+    >>> torch.equal(new[0], v[0])
+    True
     """
     if v.shape[:-1] != q.shape[:-1] or out.shape != v.shape:
         raise RuntimeError(

@@ -208,6 +208,31 @@ def register_perturbation(kind: type, handler: Callable[..., AbstractContextMana
     ``handler(patcher, perturbation, rows)`` is called with checked rows (a tuple
     of distinct ints) and returns the context manager ``perturb`` enters, with the
     patcher's model-level hooks attached around it.
+
+    Parameters
+    ----------
+    kind
+        A :class:`~smoothguide.perturbations.Perturbation` subclass; instances
+        of its subclasses match too (the first registered matching type wins).
+    handler
+        ``handler(patcher, perturbation, rows) -> context manager``.
+
+    Returns
+    -------
+    None
+        ``kind``'s handler is replaced if it had one.
+
+    Raises
+    ------
+    TypeError
+        ``kind`` is not a Perturbation subclass or ``handler`` is not callable.
+
+    Examples
+    --------
+    >>> register_perturbation(int, lambda patcher, p, rows: None)
+    Traceback (most recent call last):
+    ...
+    TypeError: kind must be a Perturbation subclass, got <class 'int'>
     """
     if not isinstance(kind, type) or not issubclass(kind, Perturbation):
         raise TypeError(f"kind must be a Perturbation subclass, got {kind!r}")
@@ -826,9 +851,7 @@ class _RowState:
         self.batch = 0
 
 
-def _row_map(
-    mode: _SDPAMode | _RowState, q: torch.Tensor, geometry: Geometry
-) -> tuple[int, int]:
+def _row_map(mode: _SDPAMode | _RowState, q: torch.Tensor, geometry: Geometry) -> tuple[int, int]:
     """``(offset, ratio)``: row ``j`` of the call's axis 0 is model row ``offset + j // ratio``.
 
     Provable cases only, else ``RuntimeError``:

@@ -24,6 +24,21 @@ __all__ = ["token_permutation"]
 def token_permutation(n: int, seed: int) -> torch.Tensor:
     """The documented permutation of ``n`` tokens for ``seed`` (CPU ``torch.randperm``).
 
+    The same on every machine and device: drawn by a CPU generator seeded with
+    ``seed``, so a TPG run is reproducible from its settings alone.
+
+    Parameters
+    ----------
+    n
+        Number of tokens (image tokens of the block's input).
+    seed
+        The :class:`~smoothguide.token_permutation.TokenPermutation`'s seed.
+
+    Returns
+    -------
+    torch.Tensor
+        A permutation of ``0 … n−1`` (int64, CPU).
+
     Examples
     --------
     >>> sorted(token_permutation(5, 0).tolist())

@@ -60,6 +60,20 @@ def module_targets(patcher: AttentionPatcher, p: LayerSkip) -> dict[str, torch.n
     -------
     dict
         Module name -> module.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from smoothguide.layer_skip import LayerSkip
+    >>> from smoothguide.torch import AttentionPatcher, LayerSpec
+    >>> class Block(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.attn, self.ff = torch.nn.Identity(), torch.nn.Identity()
+    >>> model = torch.nn.Sequential(Block(), Block())
+    >>> patcher = AttentionPatcher(model, layers={"0.attn": LayerSpec(), "1.attn": LayerSpec()})
+    >>> list(module_targets(patcher, LayerSkip("ff", layers="1.attn")))
+    ['1.ff']
     """
     modules = dict(patcher.model.named_modules())
     names: list[str] = []
