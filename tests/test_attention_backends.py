@@ -36,8 +36,11 @@ from test_diffusers_transformers import (  # noqa: E402
     inputs,
     make_flux,
     make_sd3,
+    naive_attention,
+    reference_blur,
     reference_model,
     run,
+    sigma3,
 )
 from test_diffusers_unet import ReferenceSelfAttention, tiny_unet  # noqa: E402
 from test_diffusers_unet import inputs as unet_inputs  # noqa: E402
@@ -288,3 +291,102 @@ def test_other_thread_calls_the_wrapped_backend_unperturbed(flux: torch.nn.Modul
         seg = run(model, kw)
     assert torch.equal(seen["out"], plain)
     assert not torch.equal(seg[1], plain[1])
+
+
+# ---------------------------------------------------- grouped-query attention (GQA)
+HQ, HKV, DH = 4, 2, 8  # 4 query heads share 2 key/value heads
+
+
+class GQAAttention(torch.nn.Module):
+    """Self-attention with fewer K/V heads than Q heads (SDPA's ``enable_gqa=True``).
+
+    ``route``: ``"sdpa"`` calls torch SDPA, ``"dispatch"`` diffusers' ``dispatch_attention_fn``.
+    """
+
+    def __init__(self, route: str) -> None:
+        super().__init__()
+        self.route = route
+        self.q = torch.nn.Linear(6, HQ * DH)
+        self.kv = torch.nn.Linear(6, 2 * HKV * DH)
+        self.out = torch.nn.Linear(HQ * DH, 6)
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, heads, N, d) each; K and V with HKV heads."""
+        q = self.q(x).unflatten(-1, (HQ, DH)).transpose(1, 2)
+        k, v = self.kv(x).unflatten(-1, (2, HKV, DH)).unbind(-3)
+        return q, k.transpose(1, 2), v.transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x)
+        if self.route == "sdpa":
+            o = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        else:
+            o = attention_dispatch.dispatch_attention_fn(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=True
+            ).transpose(1, 2)
+        return self.out(o.transpose(1, 2).flatten(-2))
+
+
+class GQANet(torch.nn.Module):
+    def __init__(self, route: str) -> None:
+        super().__init__()
+        self.attn = GQAAttention(route)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return self.attn(img.flatten(2).transpose(1, 2))
+
+
+def gqa_reference(net: GQANet, img: torch.Tensor, edit: str, row: int) -> torch.Tensor:
+    """float64 by hand: K/V repeat_interleave'd to the query heads; SciPy blur (SEG) or V (PAG)."""
+    attn = net.attn.double()
+    try:
+        x = img.double().flatten(2).transpose(1, 2)
+        with torch.no_grad():
+            q, k, v = attn.qkv(x)
+            k, v = (t.repeat_interleave(HQ // HKV, dim=1) for t in (k, v))
+            if edit == "seg":
+                h, w = img.shape[-2:]
+                blurred = reference_blur(
+                    q[row].numpy().reshape(HQ, 1, h, w, DH), sigma3(SIGMA)
+                ).reshape(HQ, h * w, DH)
+                q = q.clone()
+                q[row] = torch.from_numpy(blurred)
+            o = naive_attention(q, k, v)
+            if edit == "pag":
+                o[row] = v[row]
+            return attn.out(o.transpose(1, 2).flatten(-2)).float()
+    finally:
+        attn.float()
+
+
+@pytest.mark.parametrize("route", ["sdpa", "native", "_native_math", "hand"])
+def test_seg_and_pag_with_grouped_query_attention(route: str) -> None:
+    from smoothguide.torch import AttentionPatcher
+
+    if route == "hand":  # a registered backend that never calls torch SDPA, GQA by hand
+
+        def hand_gqa(query, key, value, attn_mask=None, scale=None, enable_gqa=False):  # type: ignore[no-untyped-def]
+            assert enable_gqa
+            heads = query.shape[2] // key.shape[2]
+            k, v = (t.repeat_interleave(heads, dim=2) for t in (key, value))
+            return hand_attention(query, k, v, attn_mask, scale)
+
+        Registry.register(Name.NATIVE)(hand_gqa)
+    torch.manual_seed(0)
+    net = GQANet("sdpa" if route == "sdpa" else "dispatch").eval()
+    img = torch.randn(3, 6, *SIZE)
+    p = AttentionPatcher(net, layers=GQAAttention)
+    backend = "native" if route in ("sdpa", "hand") else route
+    with attention_dispatch.attention_backend(backend), torch.no_grad():
+        plain = net(img)
+        with p.perturb(QuerySmoothing(SIGMA), rows=[1]):
+            seg = net(img)
+        with p.perturb(IdentityAttention(), rows=[2]):
+            pag = net(img)
+    assert_close(plain, gqa_reference(net, img, "none", 0))
+    err = assert_close(seg, gqa_reference(net, img, "seg", 1))
+    assert_close(pag, gqa_reference(net, img, "pag", 2))
+    assert torch.equal(seg[[0, 2]], plain[[0, 2]])
+    assert torch.equal(pag[[0, 1]], plain[[0, 1]])
+    assert_differs(seg[1], plain[1], err)
+    assert_differs(pag[2], plain[2], err)

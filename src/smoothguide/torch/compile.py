@@ -58,6 +58,7 @@ _ids = itertools.count(1)
 _static: weakref.WeakKeyDictionary[AttentionPatcher, dict[str, int]] = weakref.WeakKeyDictionary()
 _installs = 0
 _sdpa: Callable[..., torch.Tensor] | None = None
+_register: Any = None  # diffusers' _AttentionBackendRegistry.register while wrapped
 
 
 def is_static(patcher: AttentionPatcher) -> frozenset[str] | None:
@@ -119,14 +120,23 @@ def _(q: torch.Tensor, k: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("smoothguide::perturb_output", mutates_args=())
 def _perturb_output(out: torch.Tensor, v: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
     patcher, name = _lookup(slot)
-    if patcher is not None and out.ndim >= 3 and v.shape == out.shape:
+    # self / joint attention only (values of the queries' own tokens); with grouped-query
+    # attention v has fewer heads than out, which identity_rows expands (never skipped)
+    if (
+        patcher is not None
+        and out.ndim >= 3
+        and v.ndim == out.ndim
+        and v.shape[-2] == out.shape[-2]
+    ):
         entries = [
             e
             for e in patcher._local.active
             if name in e.layers and isinstance(e.perturbation, IdentityAttention)
         ]
         if entries:
-            res = patcher._attend(name, entries, (v, v, v), {}, attend=lambda q, k, v: out)
+            # ``out`` stands in for the query: same batch, heads and tokens (v may have
+            # fewer heads under grouped-query attention)
+            res = patcher._attend(name, entries, (out, v, v), {}, attend=lambda q, k, v: out)
             return res.contiguous()
     return out.clone(memory_format=torch.contiguous_format)
 
@@ -150,17 +160,25 @@ def _scaled_dot_product_attention(
     return torch.ops.smoothguide.perturb_output(out, value, slot)
 
 
-def _wrap_backend(fn: Callable[..., Any]) -> Callable[..., Any]:
+def _wrap_backend(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
-    def backend(**kwargs: Any) -> Any:
+    def backend(*args: Any, **kwargs: Any) -> Any:
         slot = _current.slot
         q, k, v = kwargs.get("query"), kwargs.get("key"), kwargs.get("value")
-        if slot is None or q is None or k is None or v is None or q.ndim != 4:
-            return fn(**kwargs)
-        if kwargs.get("_parallel_config") is not None or kwargs.get("return_lse"):
+        if slot is None or args or q is None or k is None or v is None or q.ndim != 4:
+            return fn(*args, **kwargs)  # diffusers calls backends with keywords only
+        if kwargs.get("_parallel_config") is not None:
             raise RuntimeError(
-                "SEG/PAG under torch.compile do not support context parallelism or "
-                "return_lse=True in diffusers' attention dispatcher; disable them"
+                f"diffusers backend {name!r} runs with context parallelism "
+                "(parallel_config), which splits the image-token grid SEG blurs across "
+                "devices; disable context parallelism for guided inference (SEG/PAG under "
+                "torch.compile support every backend without it)"
+            )
+        if kwargs.get("return_lse"):
+            raise RuntimeError(
+                f"diffusers backend {name!r} was asked for the log-sum-exp "
+                "(return_lse=True), which identity attention (PAG) would invalidate; call it "
+                "with return_lse=False"
             )
         _current.slot = None  # a native backend calls torch SDPA inside: not again
         try:
@@ -188,7 +206,36 @@ def _install() -> None:
     if registry is not None:
         for key, fn in list(registry._backends.items()):
             if not hasattr(fn, _WRAPPED):
-                registry._backends[key] = _wrap_backend(fn)
+                registry._backends[key] = _wrap_backend(getattr(key, "value", str(key)), fn)
+        _patch_register(registry)
+
+
+def _patch_register(registry: Any) -> None:
+    """Wrap a backend that ``registry.register`` adds inside :func:`compilable` as well.
+
+    Compiled code reads the registry when it is traced (and re-traced after a change of
+    the entry it read), never at run time, so an entry registered later must already
+    be the wrapped function when the model is traced again.
+    """
+    global _register
+    _register = registry.__dict__.get("register")
+    if not isinstance(_register, classmethod):
+        return
+    original = _register.__func__
+
+    def register(cls: Any, backend: Any, *args: Any, **kwargs: Any) -> Any:
+        store = original(cls, backend, *args, **kwargs)
+
+        def decorator(func: Any) -> Any:
+            out = store(func)
+            fn = cls._backends.get(backend)
+            if fn is not None and not hasattr(fn, _WRAPPED):
+                cls._backends[backend] = _wrap_backend(getattr(backend, "value", str(backend)), fn)
+            return out
+
+        return decorator
+
+    registry.register = classmethod(functools.wraps(original)(register))
 
 
 def _uninstall() -> None:
@@ -201,6 +248,8 @@ def _uninstall() -> None:
     _sdpa = None
     registry = _dispatch._registry()
     if registry is not None:
+        if isinstance(_register, classmethod):
+            registry.register = _register
         for key, fn in list(registry._backends.items()):
             original = getattr(fn, _WRAPPED, None)
             if original is not None:

@@ -95,7 +95,10 @@ def identity_rows(
 
     ``w = p.weight``: those entries become ``(1 − w) · out + w · V``, i.e. the
     attention map ``(1 − w) A + w I`` applied to ``V`` (``w = 1``: exactly ``V``,
-    PAG). Non-grid tokens (text of joint attention) keep their attention.
+    PAG). Non-grid tokens (text of joint attention) keep their attention. With
+    grouped-query attention (``enable_gqa=True``: ``Hkv`` value heads for ``Hq``
+    query heads) query head ``h`` reads value head ``h // (Hq / Hkv)``, so ``V`` is
+    ``repeat_interleave``-d to the query's heads first, as SDPA does.
 
     Parameters
     ----------
@@ -104,8 +107,9 @@ def identity_rows(
     out
         The attention output ``(batch, heads, tokens, dim)``.
     q, v
-        The layer's queries and values; ``v`` must match ``out``'s shape and
-        ``q``'s batch, heads and tokens (else ``RuntimeError``).
+        The layer's queries and values; ``v`` (after the grouped-query repeat)
+        must match ``out``'s shape and ``q``'s batch, heads and tokens (else
+        ``RuntimeError``).
     ix
         Batch rows to change, a 1-D integer tensor on ``out``'s device.
     grid
@@ -129,6 +133,11 @@ def identity_rows(
     >>> torch.equal(new[0], v[0])
     True
     """
+    # grouped-query attention (SDPA's enable_gqa): value head h // (Hq / Hkv) feeds
+    # query head h, so identity attention returns that head's values
+    gqa = q.ndim == 4 and v.ndim == 4 and 0 < v.shape[1] != q.shape[1]
+    if gqa and q.shape[1] % v.shape[1] == 0:
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
     if v.shape[:-1] != q.shape[:-1] or out.shape != v.shape:
         raise RuntimeError(
             f"attention layer {name!r}: identity attention needs values with the "

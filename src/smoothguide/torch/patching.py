@@ -734,6 +734,9 @@ class AttentionPatcher:
                     "mapped; run the attention unchunked"
                 )
             if mode.calls == 0 and sys.exc_info()[0] is None:  # no self-attention SDPA call
+                if any(getattr(m, "_compiled_call_impl", None) for m in self.model.modules()):
+                    # model.compile() / block.compile() in place: the attention ran compiled
+                    raise RuntimeError(_COMPILE_ERROR.format(name=name))
                 processor = getattr(getattr(mod, "processor", None), "__class__", None)
                 raise RuntimeError(
                     f"attention layer {name!r} ({type(mod).__name__}"
