@@ -38,6 +38,7 @@ from ..sampling.denoiser import _batch_order, _check_layers, _rebuild_mapping, _
 from ..sampling.forking import plan_fork
 from ..torch import AttentionPatcher
 from ..torch._deps import torch
+from ..torch.hooks import pre_hook_with_kwargs
 from ..weak_model import WeakModel
 from ._deps import diffusers
 from .family import patcher_for
@@ -457,7 +458,7 @@ class GuidedPipeline:
         self._positions = 0
         self._sequential = None
         with ExitStack() as stack:
-            pre = self.denoiser.register_forward_pre_hook(self._pre, with_kwargs=True)
+            pre = pre_hook_with_kwargs(self.denoiser, self._pre)
             stack.callback(pre.remove)
             post = self.denoiser.register_forward_hook(self._post, always_call=True)
             stack.callback(post.remove)

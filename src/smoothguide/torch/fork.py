@@ -39,6 +39,7 @@ from typing import Any
 
 from ..sampling.forking import ForkSpec
 from ._deps import torch
+from .hooks import pre_hook_with_kwargs
 from .layouts import Geometry
 
 __all__ = ["ForkPolicy", "Forker", "Unforkable"]
@@ -248,7 +249,7 @@ class Forker:
 
     def root_hooks(self) -> list[Any]:
         """Install the model-level pre-hook (the patcher keeps it while attached)."""
-        return [self.model.register_forward_pre_hook(self._root_pre, with_kwargs=True)]
+        return [pre_hook_with_kwargs(self.model, self._root_pre)]
 
     @contextmanager
     def forking(self, spec: ForkSpec) -> Iterator[None]:
@@ -267,7 +268,7 @@ class Forker:
         handles = []
         for name in self._hooked(modules, points):
             hook = self._point_hook(call, points.index(name) if name in points else None, name)
-            handles.append(modules[name].register_forward_pre_hook(hook, with_kwargs=True))
+            handles.append(pre_hook_with_kwargs(modules[name], hook))
         local.call = call
         failed = False
         try:

@@ -35,6 +35,7 @@ from . import dispatch as _dispatch
 from ._deps import torch
 from .fork import Forker, ForkPolicy
 from .heads import blur_query_rows, identity_rows
+from .hooks import pre_hook_with_kwargs
 from .layouts import Geometry, GeometryFn, LayerSpec, image_geometry
 
 __all__ = ["AttentionPatcher", "LayerSource", "register_perturbation"]
@@ -645,7 +646,7 @@ class AttentionPatcher:
         with self._lock:
             if self._attached == 0:
                 self._root_handles = [
-                    self.model.register_forward_pre_hook(self._root_pre, with_kwargs=True),
+                    pre_hook_with_kwargs(self.model, self._root_pre),
                     self.model.register_forward_hook(self._root_post, always_call=True),
                     *self.forker.root_hooks(),
                 ]

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..token_permutation import TokenPermutation
 from ._deps import torch
+from .hooks import pre_hook_with_kwargs
 from .patching import AttentionPatcher, register_perturbation
 from .skip import _parent
 
@@ -100,9 +101,7 @@ def _permute(
     handles = [patcher.model.register_forward_pre_hook(count)]
     try:
         for k, name in enumerate(blocks):
-            handles.append(
-                modules[name].register_forward_pre_hook(pre_for(name, k), with_kwargs=True)
-            )
+            handles.append(pre_hook_with_kwargs(modules[name], pre_for(name, k)))
         yield
     finally:
         for handle in handles:

@@ -18,6 +18,7 @@ from typing import Any
 
 from ..layer_skip import LayerSkip
 from ._deps import torch
+from .hooks import forward_hook_with_kwargs
 from .patching import AttentionPatcher, register_perturbation
 
 __all__ = ["BLOCK_OUTPUTS", "module_targets"]
@@ -181,7 +182,7 @@ def _layer_skip(patcher: AttentionPatcher, p: LayerSkip, rows: tuple[int, ...]) 
     handles = [patcher.model.register_forward_pre_hook(count)]
     try:
         for name, module in targets.items():
-            handles.append(module.register_forward_hook(hook_for(name), with_kwargs=True))
+            handles.append(forward_hook_with_kwargs(module, hook_for(name)))
         yield
     finally:
         for handle in handles:
