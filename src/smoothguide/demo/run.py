@@ -2,7 +2,12 @@
 
 :func:`run_demo` samples the same seeds under every method through the public
 rules, torch adapter and sampler (:func:`smoothguide.demo.guide.guided_sample`),
-scores them with :mod:`smoothguide.demo.metrics` and writes to ``out``:
+scores them with :mod:`smoothguide.demo.metrics` and writes to ``out``. The
+sampling runs as two studies (unconditional: the null label; class-conditional:
+digits 0..9) through :func:`smoothguide.study.run_study`, stored under
+``out/study/``: each sample's noise comes from (seed, label, seed index), every
+finished unit is written atomically, and a killed demo resumes where it stopped.
+
 
 - ``grid_unconditional.png`` and ``grid_conditional.png``: labelled comparison
   grids (rows = methods, columns = seeds / digits, same noise per column);
@@ -15,6 +20,7 @@ scores them with :mod:`smoothguide.demo.metrics` and writes to ``out``:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -31,13 +37,15 @@ from ..rules import CFG, PAG, SEG
 from ._cli import check_device, check_out_dir, check_seed, check_weights_dir, run_main
 from ._deps import require, torch
 from .data import load_demo_data
-from .guide import DEFAULT_LAYERS, demo_patcher, guided_sample
+from .guide import DEFAULT_LAYERS, demo_patcher
 from .metrics import classifier_scores, deviation, embed, frechet_distance, mean_intensity
-from .model import NULL_CLASS
 from .plots import save_grid, save_pareto
 from .weights import DIT_FILE, load_classifier, load_config, load_denoiser
 
 __all__ = ["DemoSettings", "Method", "build_parser", "main", "methods", "run_demo"]
+
+#: Samples per work unit of the demo's studies.
+UNIT_SIZE = 100
 
 
 @dataclass(frozen=True)
@@ -223,22 +231,78 @@ def methods(settings: DemoSettings, *, quick: bool = False) -> list[Method]:
     return out
 
 
-def _sample_method(
-    den: Any, patcher: Any, m: Method, noise: Any, labels: Any, steps: int, chunk: int
+def _rule_grid(rule: Any) -> Any:
+    """The :class:`~smoothguide.study.RuleGrid` of one fixed rule (its non-default fields)."""
+    from ..study import RuleGrid
+
+    params: dict[str, Any] = {}
+    for f in dataclasses.fields(rule):
+        v = getattr(rule, f.name)
+        if v != f.default:
+            params[f.name] = [list(v)] if isinstance(v, tuple) else v  # a tuple is one value
+    grid = RuleGrid(type(rule).__name__, **params)
+    (setting,) = grid.settings()
+    if setting.build() != rule:  # a field the study cannot express: never run another rule
+        raise AssertionError(f"the study setting {setting.build()!r} is not the rule {rule!r}")
+    return grid
+
+
+def _study(
+    name: str,
+    group: list[Method],
+    labels: tuple[int | str, ...],
+    seeds: int,
+    *,
+    seed: int,
+    steps: int,
+    weights_dir: str | None,
+    layers: Any,
 ) -> Any:
-    parts = []
-    for i in range(0, noise.shape[0], chunk):
-        parts.append(
-            guided_sample(
-                den,
-                m.rule,
-                labels=labels[i : i + chunk],
-                noise=noise[i : i + chunk],
-                steps=steps,
-                patcher=patcher,
-            )
-        )
-    return torch.cat(parts).cpu().numpy()
+    """A :class:`~smoothguide.study.Study` of the methods of one group (a label set)."""
+    from ..study import SamplerSettings, Study
+
+    return Study(
+        name,
+        rules=tuple(_rule_grid(m.rule) for m in group if m.rule is not None),
+        labels=labels,
+        seeds=seeds,
+        seed=seed,
+        model="demo",
+        model_options={"layers": layers}
+        | ({} if weights_dir is None else {"weights_dir": weights_dir}),
+        sampler=SamplerSettings(steps=steps),
+        unit_size=UNIT_SIZE,
+        metrics=("rms",),
+    )
+
+
+def _run_group(
+    study: Any, group: list[Method], root: str, device: Any, progress: bool
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """Run (or resume) ``study`` under ``root``; every method's samples in the store's order
+    of (seed index, label) and the sampling seconds of its units."""
+    from ..study.dist import Dist
+    from ..study.runner import run_study
+    from ..study.store import Store
+    from ..study.units import make_units
+
+    # one folder per definition: a demo rerun with other settings never meets a foreign store
+    out = os.path.join(root, f"{study.name}-{study.definition_hash()[:12]}")
+    run_study(study, out, dist=Dist(device=device), progress=progress, echo=False)
+    store, settings = Store(out), study.settings()
+    units = make_units(len(settings), len(study.items()), study.seeds, study.unit_size)
+    samples: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
+    for m in group:
+        (k,) = [i for i, st in enumerate(settings) if st.build() == m.rule]
+        mine = [u for u in units if u.setting == k]
+        parts = [store.read_tensors(u.uid, ("samples", "item", "seed_index")) for u in mine]
+        x = torch.cat([t["samples"] for t in parts]).numpy()
+        # sample j of the demo: seed index j // L of label j % L (labels interleaved)
+        key = torch.cat([t["seed_index"] * len(study.items()) + t["item"] for t in parts])
+        samples[m.name] = x[torch.argsort(key).numpy()]
+        seconds[m.name] = sum(store.read_rows(u.uid)["seconds"]["sample"] for u in mine)
+    return samples, seconds
 
 
 def run_demo(
@@ -265,11 +329,12 @@ def run_demo(
     device
         Torch device, e.g. ``"cpu"`` or ``"cuda"``.
     progress
-        Show a tqdm bar over the methods.
+        Show the study runner's tqdm bars (one per label set).
     seed
         Seed of the noise; the same seed gives the same files.
     num_samples
-        Samples per method (default 200, quick 30).
+        Samples per method, a multiple of 10 (default 200, quick 30); the
+        class-conditional ones are ``num_samples / 10`` per digit.
     steps
         Euler steps (default 16, quick 8).
     settings
@@ -303,7 +368,7 @@ def run_demo(
     >>> run_demo(num_samples=5)
     Traceback (most recent call last):
     ...
-    ValueError: num_samples must be >= 10, got 5
+    ValueError: num_samples must be a multiple of 10 (>= 10), got 5
     >>> import tempfile
     >>> with tempfile.TemporaryDirectory() as tmp:
     ...     run_demo(os.path.join(tmp, "out"), weights_dir=tmp, progress=False)
@@ -317,12 +382,12 @@ def run_demo(
         raise ValueError(f"seed must be >= 0, got {seed}")
     n = num_samples if num_samples is not None else (30 if quick else 200)
     steps = steps if steps is not None else (8 if quick else 16)
-    if n < 10:
-        raise ValueError(f"num_samples must be >= 10, got {n}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 10 or n % 10:
+        raise ValueError(f"num_samples must be a multiple of 10 (>= 10), got {n!r}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     settings = settings or DemoSettings()
-    tqdm = require("tqdm").tqdm
+    require("tqdm")
     t_total = time.perf_counter()
     os.makedirs(out, exist_ok=True)
     dev = torch.device(device)
@@ -333,26 +398,34 @@ def run_demo(
     data = load_demo_data(seed=cfg["data"]["split_seed"])
     real_feats, real_probs = embed(clf, data.test_images)
 
-    gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn(n, 1, 16, 16, generator=gen).to(dev)
-    cond_labels = (torch.arange(n) % 10).to(dev)
-    null_labels = torch.full((n,), NULL_CLASS, dtype=torch.long, device=dev)
-    chunk = 125
-
     all_methods = methods(settings, quick=quick)
+    cond_labels = np.arange(n) % 10
     samples: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
+    # Sampling runs through the study machinery (smoothguide.study): per-sample noise seeds
+    # from (seed, label, seed index), units stored atomically, a killed demo resumes.
+    for conditional, labels, seeds in ((False, ("null",), n), (True, tuple(range(10)), n // 10)):
+        group = [m for m in all_methods if m.conditional == conditional]
+        name = "demo_conditional" if conditional else "demo_unconditional"
+        study = _study(
+            name,
+            group,
+            labels,
+            seeds,
+            seed=seed,
+            steps=steps,
+            weights_dir=weights_dir,
+            layers=settings.seg_layers,
+        )
+        got, secs = _run_group(study, group, os.path.join(out, "study"), dev, progress)
+        samples.update(got)
+        seconds.update(secs)
     rows: list[dict[str, Any]] = []
-    bar = tqdm(all_methods, desc="smoothguide demo", disable=not progress)
-    for m in bar:
-        bar.set_postfix_str(m.name, refresh=False)
-        t0 = time.perf_counter()
-        labels = cond_labels if m.conditional else null_labels
-        x = _sample_method(den, patcher, m, noise, labels, steps, chunk)
-        seconds = time.perf_counter() - t0
-        samples[m.name] = x
+    for m in all_methods:
+        x = samples[m.name]
         feats, probs = embed(clf, x)
         ref = samples["cond: none" if m.conditional else "uncond: none"]
-        scores = classifier_scores(probs, cond_labels.cpu().numpy() if m.conditional else None)
+        scores = classifier_scores(probs, cond_labels if m.conditional else None)
         rows.append(
             {
                 "method": m.name,
@@ -362,7 +435,7 @@ def run_demo(
                 "accuracy": scores.get("accuracy"),
                 "deviation": deviation(x, ref),
                 "intensity": mean_intensity(x),
-                "seconds": round(seconds, 2),
+                "seconds": round(seconds[m.name], 2),
                 "sweep": m.sweep,
                 "value": None
                 if m.value is None
@@ -370,7 +443,6 @@ def run_demo(
                 "rule": repr(m.rule),
             }
         )
-    bar.close()
 
     # as many real training digits, with the conditional samples' labels (i % 10): FD depends
     # on the class balance as much as on the sample size, so both must match to be a floor
@@ -572,7 +644,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ------
     SystemExit
         Status 2 (with a usage message on stderr) for invalid options, e.g.
-        ``--num-samples`` below 10, ``--steps`` or ``--threads`` below 1, a
+        ``--num-samples`` below 10 or not a multiple of 10, ``--steps`` or ``--threads`` below 1, a
         negative ``--seed``, an unwritable ``--out``, a device this machine
         lacks or a ``--weights-dir`` without weights. At run time an interrupt
         prints one line and returns 130, a weights or file error one line and 1.
@@ -589,8 +661,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.num_samples is not None and args.num_samples < 10:
-        parser.error(f"--num-samples must be >= 10, got {args.num_samples}")
+    if args.num_samples is not None and (args.num_samples < 10 or args.num_samples % 10):
+        parser.error(f"--num-samples must be a multiple of 10 (>= 10), got {args.num_samples}")
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
     if args.threads is not None and args.threads < 1:
