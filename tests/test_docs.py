@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import doctest
 import importlib
+import importlib.util
 import io
 import os
 import pkgutil
@@ -452,3 +453,18 @@ def test_cli_without_torch_prints_the_install_hint_once() -> None:
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count(install_hint("demo")) == 1, proc.stderr
     assert proc.stderr.count(TORCH_PIN) == 1, proc.stderr
+
+
+def test_every_public_object_has_a_complete_numpydoc_docstring() -> None:
+    # docs/check_docstrings.py is the promise of docs/index (Parameters / Returns / Examples);
+    # run in-process here so a new public helper without them fails CI, not a later audit.
+    spec = importlib.util.spec_from_file_location("check_docstrings", DOCS / "check_docstrings.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = module.main()
+    report = out.getvalue()
+    assert "skipped" not in report, report
+    assert status == 0, report

@@ -221,6 +221,11 @@ def run_sweep(
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser of ``python -m smoothguide.demo.sweep``.
 
+    Returns
+    -------
+    argparse.ArgumentParser
+        Parses the options listed by ``--help`` (lists as comma-separated values).
+
     Examples
     --------
     >>> build_parser().parse_args(["--seg-sigmas", "1,inf"]).seg_sigmas

@@ -32,7 +32,30 @@ _ForwardHook = Callable[[torch.nn.Module, tuple[Any, ...], dict[str, Any], Any],
 def pre_hook_with_kwargs(
     module: torch.nn.Module, hook: _PreHook, *, prepend: bool = False
 ) -> RemovableHandle:
-    """``module.register_forward_pre_hook(hook, with_kwargs=True)``, thread-safe (see above)."""
+    """``module.register_forward_pre_hook(hook, with_kwargs=True)``, thread-safe (see above).
+
+    Parameters
+    ----------
+    module
+        The module whose calls ``hook`` sees.
+    hook
+        ``hook(module, args, kwargs)``; returns ``None`` or new ``(args, kwargs)``.
+    prepend
+        Run before the module's other pre-hooks.
+
+    Returns
+    -------
+    torch.utils.hooks.RemovableHandle
+        ``.remove()`` detaches the hook.
+
+    Examples
+    --------
+    >>> lin = torch.nn.Linear(2, 2, bias=False)
+    >>> h = pre_hook_with_kwargs(lin, lambda m, args, kw: ((2 * args[0],), kw))
+    >>> bool(torch.equal(lin(torch.ones(1, 2)), lin.weight.sum(1, keepdim=True).T * 2))
+    True
+    >>> h.remove()
+    """
 
     def safe(mod: torch.nn.Module, args: tuple[Any, ...], *kwargs: dict[str, Any]) -> Any:
         if len(kwargs) != 1:  # called in the plain convention: another thread's hook
@@ -45,7 +68,32 @@ def pre_hook_with_kwargs(
 def forward_hook_with_kwargs(
     module: torch.nn.Module, hook: _ForwardHook, *, always_call: bool = False
 ) -> RemovableHandle:
-    """``module.register_forward_hook(hook, with_kwargs=True)``, thread-safe (see above)."""
+    """``module.register_forward_hook(hook, with_kwargs=True)``, thread-safe (see above).
+
+    Parameters
+    ----------
+    module
+        The module whose calls ``hook`` sees.
+    hook
+        ``hook(module, args, kwargs, output)``; returns ``None`` or a replacement output.
+    always_call
+        Also call the hook when the forward raised.
+
+    Returns
+    -------
+    torch.utils.hooks.RemovableHandle
+        ``.remove()`` detaches the hook.
+
+    Examples
+    --------
+    >>> lin = torch.nn.Linear(2, 2)
+    >>> h = forward_hook_with_kwargs(lin, lambda m, args, kw, out: -out)
+    >>> x = torch.randn(3, 2)
+    >>> out = lin(x)
+    >>> h.remove()
+    >>> bool(torch.equal(out, -lin(x)))
+    True
+    """
 
     def safe(mod: torch.nn.Module, args: tuple[Any, ...], *rest: Any) -> Any:
         if len(rest) != 2:  # called as hook(module, args, output): another thread's hook

@@ -36,6 +36,10 @@ class AttentionCapture:
         ``(rows, heads, tokens, tokens)`` float32-or-wider probabilities, or ``None``.
     grid
         The layer's :class:`~smoothguide.TokenGrid` in that call.
+    Examples
+    --------
+    >>> AttentionCapture().probs is None
+    True
     """
 
     probs: torch.Tensor | None = None
@@ -105,6 +109,26 @@ def capture_attention(
     ------
     AttentionCapture
         Filled by the forward calls made inside the context.
+    Examples
+    --------
+    >>> import torch.nn.functional as F
+    >>> from smoothguide.torch import AttentionPatcher
+    >>> class Attn(torch.nn.Module):
+    ...     def forward(self, x):                       # x: (B, N, d)
+    ...         return F.scaled_dot_product_attention(x, x, x)
+    >>> class Net(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.attn = Attn()
+    ...     def forward(self, img):                     # img: (B, d, H, W)
+    ...         return self.attn(img.flatten(2).transpose(1, 2))
+    >>> net, img = Net(), torch.randn(2, 4, 3, 5)
+    >>> with capture_attention(AttentionPatcher(net, layers=Attn), "attn", rows=[1]) as cap:
+    ...     _ = net(img)
+    >>> cap.probs.shape, (cap.grid.height, cap.grid.width)
+    (torch.Size([1, 1, 15, 15]), (3, 5))
+    >>> bool(torch.allclose(cap.probs.sum(-1), torch.ones(1, 1, 15)))
+    True
     """
     names = patcher.resolve(layers)
     if len(names) != 1:
