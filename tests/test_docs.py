@@ -459,7 +459,8 @@ def test_every_public_object_has_a_complete_numpydoc_docstring() -> None:
     # docs/check_docstrings.py is the promise of docs/index (Parameters / Returns / Examples);
     # run in-process here so a new public helper without them fails CI, not a later audit.
     spec = importlib.util.spec_from_file_location("check_docstrings", DOCS / "check_docstrings.py")
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     out = io.StringIO()
