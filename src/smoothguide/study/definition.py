@@ -87,10 +87,12 @@ METRICS: dict[str, str] = {
     "kid": "kernel inception distance (unbiased MMD², cubic kernel) to the reference set",
     "rms": "RMS pixel difference to the unguided sample of the same seed",
     "ssim": "SSIM to the unguided sample of the same seed",
+    "lpips": "LPIPS distance to the unguided sample of the same seed (local weights)",
     "ink": "mean intensity in [0, 1]",
     "saturation": "mean HSV saturation (RGB samples)",
     "confidence": "mean top-class probability of the feature classifier",
     "accuracy": "fraction classified as the label sampled (class-conditional)",
+    "clip_score": "CLIP score 100·max(cos, 0) of each sample with its prompt (local CLIP)",
 }
 
 _TOP_KEYS = (
@@ -105,6 +107,7 @@ _TOP_KEYS = (
     "metrics",
     "features",
     "feature_options",
+    "metric_options",
     "kid_subset",
     "sampler",
     "rules",
@@ -392,6 +395,9 @@ class Study:
         Names from :data:`METRICS`.
     features, feature_options
         Feature extractor of ``fd`` / ``kid`` (see :mod:`smoothguide.study.metrics`).
+    metric_options
+        A table per metric with a network of its own: ``{"clip_score": {"model":
+        DIR}, "lpips": {"net": ..., "backbone": ..., "linear": ...}}``.
     kid_subset
         Size of the deterministic KID subset per setting.
     base_dir
@@ -419,6 +425,7 @@ class Study:
     metrics: tuple[str, ...] = ("fd", "kid", "rms", "ssim", "ink", "confidence")
     features: str = "demo"
     feature_options: Mapping[str, Any] = field(default_factory=dict)
+    metric_options: Mapping[str, Any] = field(default_factory=dict)
     kid_subset: int = 1000
     base_dir: str = field(default=".", compare=False)
 
@@ -454,7 +461,7 @@ class Study:
 
     def validate(self) -> None:
         """Check the whole definition without loading any model; raise :class:`StudyError`."""
-        from .metrics import check_feature_names
+        from .metrics import check_feature_names, check_metric_options
         from .models import check_model
 
         if not isinstance(self.name, str) or not self.name:
@@ -481,11 +488,20 @@ class Study:
             raise StudyError("labels: labels / prompts must be distinct")
         check_model(self.model, items, self.prompts is not None)
         check_feature_names(self.features, self.metrics)
+        check_metric_options(
+            self.metrics, self.metric_options, prompts=self.prompts is not None, items=items
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        """Canonical JSON-able definition (prompts inlined, so the hash covers their text)."""
+        """Canonical JSON-able definition (prompts inlined, so the hash covers their text).
+
+        ``metric_options`` appears only when set, so the hashes of studies written
+        before it existed do not change.
+        """
+        extra = {"metric_options": dict(self.metric_options)} if self.metric_options else {}
         return _jsonable(
             {
+                **extra,
                 "name": self.name,
                 "seed": self.seed,
                 "model": self.model,

@@ -30,7 +30,18 @@ from .units import make_units
 
 __all__ = ["load_results", "write_report"]
 
-_COLUMNS = ("fd", "kid", "rms", "ssim", "ink", "saturation", "confidence", "accuracy")
+_COLUMNS = (
+    "fd",
+    "kid",
+    "clip_score",
+    "rms",
+    "ssim",
+    "lpips",
+    "ink",
+    "saturation",
+    "confidence",
+    "accuracy",
+)
 
 
 def load_results(root: str) -> tuple[dict[str, Any], dict[str, Any]]:

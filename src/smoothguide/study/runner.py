@@ -3,7 +3,8 @@
 :func:`run_study` is the same code in-process and on every rank of
 ``accelerate launch`` / ``torchrun``:
 
-1. validate the definition and the metric weights (before any sampling);
+1. validate the definition and the metric weights (feature extractor, CLIP score,
+   LPIPS) before any sampling;
 2. check the output folder's definition hash; rank 0 creates ``study.json``, the
    reference features and removes temporary files of killed writers; barrier;
 3. phase 1: the unguided baseline units of this rank (static shard, see
@@ -35,9 +36,11 @@ from .metrics import (
     PAIRED_METRICS,
     SCALAR_METRICS,
     check_feature_weights,
+    check_metric_weights,
     frechet_from_sums,
     kid_unbiased,
     load_extractor,
+    load_metric_nets,
     per_sample_metrics,
 )
 from .models import resolve_model
@@ -81,6 +84,7 @@ def _sample_unit(
     model: Any,
     extractor: Any,
     store: Store,
+    nets: dict[str, Any] | None = None,
 ) -> tuple[bytes, dict[str, Any], float]:
     import torch
     from safetensors.torch import save
@@ -99,6 +103,11 @@ def _sample_unit(
         else:
             ref = store.read_tensors(unit.baseline_uid, ("samples",))["samples"]
     per = per_sample_metrics(x, ref, probs, model.class_labels(its), study.metrics)
+    nets = nets or {}
+    if "lpips" in nets and ref is not None:
+        per["lpips"] = nets["lpips"](x, ref).tolist()
+    if "clip_score" in nets:
+        per["clip_score"] = nets["clip_score"](x, [str(v) for v in its]).tolist()
     seeds = [noise_seed(study.seed, items[i], k) for i, k in unit.items]
     tensors = {
         "samples": x,
@@ -190,6 +199,7 @@ def run_study(
     t_start = time.perf_counter()
     study.validate()
     check_feature_weights(study.features, study.feature_options, study.metrics)
+    check_metric_weights(study.metrics, study.metric_options)
     owns_dist = dist is None
     dist = dist or init_dist(cpu=cpu)
     try:
@@ -220,6 +230,7 @@ def _run(
         if _feature_metrics(study)
         else None
     )
+    nets = load_metric_nets(study.metrics, study.metric_options, dist.device)
     if dist.is_main:
         if not existed:
             store.write_definition(definition, digest)
@@ -259,7 +270,7 @@ def _run(
                 continue
             t0 = time.perf_counter()
             blob, body, t_sample = _sample_unit(
-                study, settings, items, unit, model, extractor, store
+                study, settings, items, unit, model, extractor, store, nets
             )
             t1 = time.perf_counter()
             kill = None
