@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import textwrap
 
@@ -51,7 +52,7 @@ def _hand_autoguidance(main, weak, noise, w: float, steps: int):
     sig = _karras(steps)
     x = noise * sig[0]
     y = torch.full((x.shape[0],), NULL_CLASS, dtype=torch.long)
-    for s, s_next in zip(sig[:-1], sig[1:], strict=True):
+    for s, s_next in itertools.pairwise(sig):
         sigma = torch.full((x.shape[0],), s)
         d_main = main(x, sigma, class_labels=y)
         d_weak = weak(x, sigma, class_labels=y)

@@ -80,7 +80,7 @@ class DemoStudyModel:
 
     @staticmethod
     def check_weak(key: str, name: str) -> None:
-        """``name`` must be ``"shipped"`` or a folder with ``config.json`` and ``dit.safetensors``."""
+        """``name``: ``"shipped"``, or a folder with ``config.json`` and ``dit.safetensors``."""
         from ..demo.weights import CONFIG_FILE, DIT_FILE
 
         if name == "shipped" or all(
