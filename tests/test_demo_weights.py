@@ -127,7 +127,7 @@ def test_weak_model_is_worse_than_the_main_model_on_held_out_denoising() -> None
     for y in (labels, torch.full_like(labels, NULL_CLASS)):
         l_main, l_weak = loss(main, y), loss(weak, y)
         assert 0 < l_main < 0.2, l_main  # a trained model (the untrained one scores about 1)
-        assert l_weak > 1.1 * l_main, (l_weak, l_main)
+        assert l_weak > 1.3 * l_main, (l_weak, l_main)  # measured: 0.101 vs 0.058, 0.111 vs 0.065
 
 
 def _copy_weights(tmp_path: Path) -> Path:
