@@ -146,6 +146,7 @@ _WHEEL_MUST = (
     "smoothguide/__init__.py",
     "smoothguide/py.typed",
     "smoothguide/demo/weights/dit.safetensors",
+    "smoothguide/demo/weights/dit_weak.safetensors",
     "smoothguide/demo/weights/classifier.safetensors",
     "smoothguide/demo/weights/config.json",
     "smoothguide/demo/mnist/mnist_5k.npz",

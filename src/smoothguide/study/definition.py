@@ -40,7 +40,7 @@ import itertools
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,7 +77,10 @@ RULES: dict[str, Any] = {
     "SLG": _rules.SLG,
     "TPG": _rules.TPG,
     "SAG": _rules.SAG,
+    "Autoguidance": _rules.Autoguidance,
 }
+#: ``weak`` of ``rule = "Autoguidance"`` when not given: the model factory's shipped weak model.
+DEFAULT_WEAK = "shipped"
 #: Per-rule parameters a study may set (schedules stay at their defaults).
 _SCHEDULES = {"schedule", "cfg_schedule"}
 
@@ -122,17 +125,46 @@ def _num(value: Any, key: str) -> Any:
     return value
 
 
+def _accepted(rule: str) -> list[str]:
+    names = {f.name for f in dataclasses.fields(RULES[rule])} - _SCHEDULES
+    if rule == "Autoguidance":  # the weak model is named (``weak``), not passed as an object
+        names = (names - {"model"}) | {"weak"}
+    return sorted(names)
+
+
 def _params(rule: str, params: Mapping[str, Any], key: str) -> dict[str, Any]:
-    cls = RULES[rule]
-    accepted = sorted(f.name for f in dataclasses.fields(cls) if f.name not in _SCHEDULES)
+    accepted = _accepted(rule)
     out = {}
     for name, value in params.items():
         if name not in accepted:
             raise StudyError(
                 f"{key}.{name}: unknown parameter of {rule}; accepted: {', '.join(accepted)}"
             )
+        if name == "weak":
+            for v in _axis(value):
+                if not isinstance(v, str) or not v:
+                    raise StudyError(
+                        f"{key}.weak: must be {DEFAULT_WEAK!r} (the model's shipped weak "
+                        f"model) or the path of a weak model's folder, got {v!r}"
+                    )
         out[name] = value
     return out
+
+
+class _UnresolvedWeak:
+    """Stand-in weak model of a setting built without the model factory (validation, ``repr``)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise StudyError(
+            f"weak model {self.name!r} was not resolved: build the setting with "
+            "Setting.build(weak=model.weak_model) of the study's model"
+        )
+
+    def __repr__(self) -> str:
+        return f"<weak model {self.name!r}>"
 
 
 def _axis(value: Any) -> list[Any]:
@@ -185,17 +217,27 @@ class Setting:
     name: str
     spec: Mapping[str, Any]
 
-    def build(self) -> Any:
-        """The rule object of this setting (``None`` for the unguided baseline)."""
-        return _build(self.spec)
+    def build(self, weak: Callable[[str], Any] | None = None) -> Any:
+        """The rule object of this setting (``None`` for the unguided baseline).
+
+        Parameters
+        ----------
+        weak
+            Resolves an Autoguidance ``weak`` name to the weak denoiser (the study
+            model's ``weak_model``); ``None`` puts a stand-in there that raises when called.
+        """
+        return _build(self.spec, weak)
 
 
-def _build(spec: Mapping[str, Any]) -> Any:
+def _build(spec: Mapping[str, Any], weak: Callable[[str], Any] | None = None) -> Any:
     if spec["rule"] == "none":
         return None
     if spec["rule"] == "Compose":
-        return _rules.Compose(*(_build(t) for t in spec["terms"]))
+        return _rules.Compose(*(_build(t, weak) for t in spec["terms"]))
     params = {k: (_num(v, k) if k in ("sigma", "scale") else v) for k, v in spec["params"].items()}
+    if spec["rule"] == "Autoguidance":
+        name = params.pop("weak", DEFAULT_WEAK)
+        params["model"] = _UnresolvedWeak(name) if weak is None else weak(name)
     if isinstance(params.get("sigma"), list):
         params["sigma"] = tuple(_num(x, "sigma") for x in params["sigma"])
     for key in ("layers", "heads", "scales"):  # JSON lists back to the tuples the rules take
@@ -462,7 +504,7 @@ class Study:
     def validate(self) -> None:
         """Check the whole definition without loading any model; raise :class:`StudyError`."""
         from .metrics import check_feature_names, check_metric_options
-        from .models import check_model
+        from .models import check_model, check_weak_models
 
         if not isinstance(self.name, str) or not self.name:
             raise StudyError(f"name: must be a non-empty string, got {self.name!r}")
@@ -487,10 +529,25 @@ class Study:
         if len(set(map(str, items))) != len(items):
             raise StudyError("labels: labels / prompts must be distinct")
         check_model(self.model, items, self.prompts is not None)
+        check_weak_models(self.model, list(self._weak_names()))
         check_feature_names(self.features, self.metrics)
         check_metric_options(
             self.metrics, self.metric_options, prompts=self.prompts is not None, items=items
         )
+
+    def _weak_names(self) -> Iterator[tuple[str, str]]:
+        """``(key, weak name)`` of every Autoguidance setting, e.g. ``("rules[3].weak", ...)``."""
+
+        def walk(spec: Mapping[str, Any], key: str) -> Iterator[tuple[str, str]]:
+            if spec["rule"] == "Compose":
+                for j, t in enumerate(spec["terms"]):
+                    yield from walk(t, f"{key}.terms[{j}]")
+            elif spec["rule"] == "Autoguidance":
+                yield f"{key}.weak", spec["params"].get("weak", DEFAULT_WEAK)
+
+        for i, g in enumerate(self.rules):
+            for s in g.settings(f"rules[{i}]"):
+                yield from walk(s.spec, f"rules[{i}]")
 
     def to_dict(self) -> dict[str, Any]:
         """Canonical JSON-able definition (prompts inlined, so the hash covers their text).

@@ -12,6 +12,11 @@ A factory is called as ``factory(options, device)`` and returns an object with
 
 A custom factory may define ``check(items, prompts)`` (a classmethod / attribute of
 the callable) that validates the study's labels without loading anything.
+
+``rule = "Autoguidance"`` needs the model's weaker version: the model then has
+``weak_model(name) -> denoiser`` (the name is the rule's ``weak`` option, default
+``"shipped"``) and the factory may define ``check_weak(key, name)`` to validate the
+name before anything is loaded.
 """
 
 from __future__ import annotations
@@ -23,7 +28,14 @@ from typing import Any
 
 from .definition import StudyError
 
-__all__ = ["MODELS", "DemoStudyModel", "SDXLStudyModel", "check_model", "resolve_model"]
+__all__ = [
+    "MODELS",
+    "DemoStudyModel",
+    "SDXLStudyModel",
+    "check_model",
+    "check_weak_models",
+    "resolve_model",
+]
 
 
 class DemoStudyModel:
@@ -32,6 +44,11 @@ class DemoStudyModel:
     Options: ``weights_dir`` (default: the shipped weights), ``layers`` (the
     default SEG / PAG layers, a preset of
     :func:`~smoothguide.demo.guide.layer_presets`, default ``"all"``).
+
+    Autoguidance's ``weak``: ``"shipped"`` (default) is the weak DiT shipped with the
+    package (:func:`~smoothguide.demo.weights.load_weak_denoiser`); any other value is
+    the folder of a DiT written by ``smoothguide train-demo`` (``config.json`` and
+    ``dit.safetensors``; a relative path resolves against the working directory).
 
     Parameters
     ----------
@@ -59,6 +76,35 @@ class DemoStudyModel:
         self.cfg = load_config(self.options.get("weights_dir"))
         self.patcher = demo_patcher(self.den, default=self.options.get("layers", "all"))
         self.device = device
+        self._weak: dict[str, Any] = {}
+
+    @staticmethod
+    def check_weak(key: str, name: str) -> None:
+        """``name``: ``"shipped"``, or a folder with ``config.json`` and ``dit.safetensors``."""
+        from ..demo.weights import CONFIG_FILE, DIT_FILE
+
+        if name == "shipped" or all(
+            os.path.isfile(os.path.join(name, f)) for f in (CONFIG_FILE, DIT_FILE)
+        ):
+            return
+        raise StudyError(
+            f"{key}: model 'demo' accepts 'shipped' (the weak DiT shipped with the package) or "
+            f"a folder written by `smoothguide train-demo` ({CONFIG_FILE} + {DIT_FILE}), "
+            f"got {name!r}"
+        )
+
+    def weak_model(self, name: str) -> Any:
+        """The weak denoiser ``name`` (see :meth:`check_weak`), loaded once."""
+        from ..demo.weights import load_denoiser, load_weak_denoiser
+
+        if name not in self._weak:
+            self.check_weak("weak", name)
+            self._weak[name] = (
+                load_weak_denoiser(device=self.device)
+                if name == "shipped"
+                else load_denoiser(name, device=self.device)
+            )
+        return self._weak[name]
 
     @staticmethod
     def check(items: Sequence[Any], prompts: bool) -> None:
@@ -260,3 +306,47 @@ def check_model(name: str, items: Sequence[Any], prompts: bool) -> None:
     check = getattr(factory, "check", None)
     if callable(check):
         check(items, prompts)
+
+
+def check_weak_models(name: str, weak: Sequence[tuple[str, str]]) -> None:
+    """Check the ``weak`` names of a study's Autoguidance settings against model ``name``.
+
+    Parameters
+    ----------
+    name
+        The study's ``model``.
+    weak
+        ``(key, weak name)`` pairs, e.g. ``[("rules[2].weak", "shipped")]``.
+
+    Returns
+    -------
+    None
+
+    Raises
+    ------
+    StudyError
+        The factory has no ``weak_model`` (it cannot run Autoguidance), or its
+        ``check_weak`` rejects a name.
+
+    Examples
+    --------
+    >>> check_weak_models("demo", [("rules[0].weak", "shipped")])
+    >>> check_weak_models("sdxl", [("rules[0].weak", "shipped")])
+    Traceback (most recent call last):
+    ...
+    smoothguide.study.definition.StudyError: rules[0].rule: Autoguidance needs a weak model, ...
+    """
+    if not weak:
+        return
+    factory = resolve_model(name)
+    if not callable(getattr(factory, "weak_model", None)):
+        key = weak[0][0].rsplit(".", 1)[0]
+        raise StudyError(
+            f"{key}.rule: Autoguidance needs a weak model, and model {name!r} has none "
+            "(its factory defines no weak_model(name)); accepted models: demo, or a factory "
+            "with weak_model"
+        )
+    check = getattr(factory, "check_weak", None)
+    if callable(check):
+        for key, value in weak:
+            check(key, value)

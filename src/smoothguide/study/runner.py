@@ -93,7 +93,8 @@ def _sample_unit(
     setting = settings[unit.setting]
     noise = unit_noise(study.seed, items, unit, model.noise_shape)
     its = [items[i] for i, _ in unit.items]
-    x = model.sample(setting.build(), its, noise, study.sampler.steps).float().contiguous()
+    rule = setting.build(weak=getattr(model, "weak_model", None))
+    x = model.sample(rule, its, noise, study.sampler.steps).float().contiguous()
     t_sample = time.perf_counter() - t0
     feats, probs = extractor(x) if extractor is not None else (None, None)
     ref = None
