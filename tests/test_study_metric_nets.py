@@ -19,15 +19,14 @@ import torch
 import torch.nn.functional as F
 
 from smoothguide.study import RuleGrid, SamplerSettings, Store, Study, StudyError, load_study
+from smoothguide.study.clip import ClipScorer
+from smoothguide.study.definition import MetricWeightsError
 from smoothguide.study.dist import Dist
+from smoothguide.study.lpips import lpips_backbone, lpips_network
 from smoothguide.study.metrics import (
-    ClipScorer,
-    MetricWeightsError,
-    _lpips_backbone,
     check_feature_weights,
     check_metric_weights,
     load_extractor,
-    lpips_network,
 )
 from smoothguide.study.runner import reduce_metrics, run_study
 from tiny_clip import save_random_lpips, save_tiny_clip
@@ -310,7 +309,7 @@ def test_lpips_matches_torchmetrics_network(tmp_path, monkeypatch, net):
     import torchmetrics.functional.image.lpips as tml
 
     monkeypatch.setattr(
-        tml, "_get_tv_model_features", lambda name, pretrained=False: _lpips_backbone(net)
+        tml, "_get_tv_model_features", lambda name, pretrained=False: lpips_backbone(net)
     )
     backbone, linear = save_random_lpips(tmp_path, net, seed=2)
     ref = tml._LPIPS(pretrained=True, net=net, pnet_rand=True, model_path=str(linear), resize=64)
@@ -376,4 +375,4 @@ def test_lpips_rejects_a_foreign_checkpoint(tmp_path):
             metrics=("lpips",),
             metric_options={"lpips": {"net": "squeeze"}},
         ).validate()
-    assert len(_lpips_backbone("alex")) == 12
+    assert len(lpips_backbone("alex")) == 12

@@ -85,10 +85,10 @@ def save_random_lpips(folder: Path, net: str = "alex", *, seed: int = 0) -> tupl
     """
     import torch
 
-    from smoothguide.study.metrics import _lpips_backbone
+    from smoothguide.study.lpips import lpips_backbone
 
     g = torch.Generator().manual_seed(seed)
-    feats = _lpips_backbone(net)
+    feats = lpips_backbone(net)
     sd: dict[str, Any] = {}
     for k, v in feats.state_dict().items():
         fan_in = v[0].numel() if v.ndim > 1 else 1

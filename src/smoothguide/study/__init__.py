@@ -9,7 +9,7 @@ in-process) and writes them to a :class:`Store` that survives being killed;
 
 Needs the ``study`` extra (``pip install smoothguide[study]``); the demo model needs
 ``smoothguide[demo]``. Modules: ``definition``, ``units``, ``store``, ``dist``,
-``metrics``, ``models``, ``runner``, ``report``, ``cli``.
+``metrics`` (with ``clip`` and ``lpips``), ``models``, ``runner``, ``report``, ``cli``.
 """
 
 from __future__ import annotations

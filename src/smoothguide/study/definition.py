@@ -63,6 +63,10 @@ class StudyError(ValueError):
     """A study definition or output folder is invalid; the message names the key."""
 
 
+class MetricWeightsError(StudyError):
+    """A metric's network weights are not available offline (the message says how to get them)."""
+
+
 #: Rule names accepted in ``rule = ...`` and the classes they build.
 RULES: dict[str, Any] = {
     "CFG": _rules.CFG,

@@ -34,14 +34,13 @@ Metrics with networks of their own, configured in ``[metric_options.<metric>]``:
 
 - ``clip_score`` (``model``: a local ``CLIPModel`` folder with its processor and
   tokenizer): ``100 · max(cos(E_image, E_prompt), 0)`` per sample (Hessel et al.
-  2021 with torchmetrics' weight 100), see :class:`ClipScorer`;
+  2021 with torchmetrics' weight 100), see :class:`~smoothguide.study.clip.ClipScorer`;
 - ``lpips`` (``net``, ``backbone``, ``linear``): LPIPS (Zhang et al. 2018) to the
-  unguided sample of the same seed, see :func:`lpips_network`.
+  unguided sample of the same seed, see :func:`~smoothguide.study.lpips.lpips_network`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -50,11 +49,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .definition import StudyError
+from .clip import CLIP_HOWTO, ClipFeatures, ClipScorer, clip_folder_problem
+from .definition import MetricWeightsError, StudyError
+from .lpips import LPIPS_FILES, check_lpips_weights, lpips_network
 
 __all__ = [
     "FEATURES",
-    "ClipScorer",
     "MetricWeightsError",
     "check_feature_names",
     "check_feature_weights",
@@ -64,7 +64,6 @@ __all__ = [
     "kid_unbiased",
     "load_extractor",
     "load_metric_nets",
-    "lpips_network",
     "per_sample_metrics",
     "ssim",
 ]
@@ -88,10 +87,6 @@ METRIC_OPTIONS: dict[str, tuple[str, ...]] = {
     "clip_score": ("model",),
     "lpips": ("net", "backbone", "linear", "resize"),
 }
-
-
-class MetricWeightsError(StudyError):
-    """A metric's network weights are not available offline."""
 
 
 def check_feature_names(features: str, metrics: Sequence[str]) -> None:
@@ -148,7 +143,7 @@ def check_feature_weights(
     >>> check_feature_weights("inception", {}, ["fd", "rms"])
     Traceback (most recent call last):
     ...
-    smoothguide.study.metrics.MetricWeightsError: metrics fd with features = 'inception' need ...
+    smoothguide.study.definition.MetricWeightsError: metrics fd with features = 'inception' need ...
     """
     need = [m for m in metrics if m in FEATURE_METRICS]
     if not need or features == "demo":
@@ -165,92 +160,13 @@ def check_feature_weights(
             )
     elif features == "clip":
         path = options.get("model")
-        problem = _clip_folder_problem(path, text=False)
+        problem = clip_folder_problem(path, text=False)
         if problem:
             raise MetricWeightsError(
                 f"metrics {names} with features = 'clip' need a local CLIP model folder; "
-                f"feature_options.model = {path!r}: {problem}. {_CLIP_HOWTO} and set "
+                f"feature_options.model = {path!r}: {problem}. {CLIP_HOWTO} and set "
                 "[feature_options] model = 'DIR'"
             )
-
-
-_CLIP_HOWTO = (
-    "On a machine with network save one with `from transformers import CLIPModel, "
-    "CLIPProcessor; CLIPModel.from_pretrained('openai/clip-vit-large-patch14')"
-    ".save_pretrained(DIR); CLIPProcessor.from_pretrained('openai/clip-vit-large-patch14')"
-    ".save_pretrained(DIR)`, copy DIR here"
-)
-_WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
-
-
-def _clip_folder_problem(path: Any, *, text: bool) -> str | None:
-    """What is missing from a local CLIP folder (``None``: it looks complete).
-
-    A light check (no weights are read): ``config.json`` of ``model_type = "clip"``,
-    a weights file, the image processor's config and, for ``text``, a tokenizer.
-    """
-    if not path:
-        return "not set"
-    p = str(path)
-    if not os.path.isdir(p):
-        return "no such folder"
-    cfg = os.path.join(p, "config.json")
-    if not os.path.isfile(cfg):
-        return "no config.json in it"
-    try:
-        with open(cfg, encoding="utf-8") as fh:
-            model_type = json.load(fh).get("model_type")
-    except (OSError, ValueError) as exc:
-        return f"config.json is unreadable ({exc})"
-    if model_type != "clip":
-        return f"config.json has model_type {model_type!r}, not 'clip' (a CLIPModel)"
-    if not any(os.path.isfile(os.path.join(p, f)) for f in _WEIGHT_FILES):
-        return f"no weights file in it ({', '.join(_WEIGHT_FILES)})"
-    # transformers 4 saves the image processor as preprocessor_config.json, 5 (inside a
-    # CLIPProcessor) as processor_config.json
-    if not any(
-        os.path.isfile(os.path.join(p, f))
-        for f in ("preprocessor_config.json", "processor_config.json")
-    ):
-        return "no preprocessor_config.json / processor_config.json (the image processor) in it"
-    has_tok = os.path.isfile(os.path.join(p, "tokenizer.json")) or all(
-        os.path.isfile(os.path.join(p, f)) for f in ("vocab.json", "merges.txt")
-    )
-    if text and not has_tok:
-        return "no tokenizer (tokenizer.json, or vocab.json and merges.txt) in it"
-    return None
-
-
-def _lpips_defaults(options: Mapping[str, Any]) -> tuple[str, str, str | None]:
-    """``(net, backbone path, linear path or None)`` of ``[metric_options.lpips]``."""
-    net = str(options.get("net", "alex"))
-    backbone = options.get("backbone")
-    if not backbone:
-        import torch
-
-        # where torchvision's downloader keeps it ($TORCH_HOME/hub/checkpoints)
-        backbone = os.path.join(torch.hub.get_dir(), "checkpoints", _LPIPS_FILES[net])
-    linear = options.get("linear")
-    if not linear:
-        # the LPIPS v0.1 linear layers ship inside torchmetrics and the lpips package
-        import importlib.util
-
-        for pkg, sub in (
-            ("torchmetrics", ("functional", "image", "lpips_models")),
-            ("lpips", ("weights", "v0.1")),
-        ):
-            spec = importlib.util.find_spec(pkg)
-            if spec is not None and spec.submodule_search_locations:
-                cand = os.path.join(next(iter(spec.submodule_search_locations)), *sub, f"{net}.pth")
-                if os.path.isfile(cand):
-                    linear = cand
-                    break
-    return net, str(backbone), None if not linear else str(linear)
 
 
 def check_metric_options(
@@ -298,10 +214,10 @@ def check_metric_options(
                 f"{', '.join(METRIC_OPTIONS[name])}"
             )
     lp = options.get("lpips", {})
-    if lp.get("net", "alex") not in _LPIPS_FILES:
+    if lp.get("net", "alex") not in LPIPS_FILES:
         raise StudyError(
             f"metric_options.lpips.net: unknown network {lp['net']!r}; accepted: "
-            f"{', '.join(_LPIPS_FILES)}"
+            f"{', '.join(LPIPS_FILES)}"
         )
     r = lp.get("resize")
     if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 32):
@@ -333,35 +249,19 @@ def check_metric_weights(metrics: Sequence[str], options: Mapping[str, Any]) -> 
     >>> check_metric_weights(["clip_score"], {"clip_score": {"model": "/nowhere"}})
     Traceback (most recent call last):
     ...
-    smoothguide.study.metrics.MetricWeightsError: metrics clip_score needs a local CLIP ...
+    smoothguide.study.definition.MetricWeightsError: metrics clip_score needs a local CLIP ...
     """
     if "clip_score" in metrics:
         path = options.get("clip_score", {}).get("model")
-        problem = _clip_folder_problem(path, text=True)
+        problem = clip_folder_problem(path, text=True)
         if problem:
             raise MetricWeightsError(
                 "metrics clip_score needs a local CLIP model folder (CLIPModel weights, "
                 f"processor and tokenizer); [metric_options.clip_score] model = {path!r}: "
-                f"{problem}. {_CLIP_HOWTO} and set [metric_options.clip_score] model = 'DIR'"
+                f"{problem}. {CLIP_HOWTO} and set [metric_options.clip_score] model = 'DIR'"
             )
     if "lpips" in metrics:
-        net, backbone, linear = _lpips_defaults(options.get("lpips", {}))
-        tv = {"alex": "alexnet", "vgg": "vgg16"}[net]
-        if not os.path.isfile(backbone):
-            raise MetricWeightsError(
-                f"metrics lpips needs the {net} backbone offline (torchvision's ImageNet "
-                f"checkpoint {_LPIPS_FILES[net]}); none at {backbone!r}. On a machine with "
-                f'network run `python -c "import torchvision; torchvision.models.{tv}'
-                "(weights='DEFAULT')\"` (it saves the file under torch.hub.get_dir()/"
-                "checkpoints), copy it into the same folder here ($TORCH_HOME/hub/checkpoints) "
-                f"or set [metric_options.lpips] backbone = '/path/to/{_LPIPS_FILES[net]}'"
-            )
-        if linear is None or not os.path.isfile(linear):
-            raise MetricWeightsError(
-                f"metrics lpips needs the LPIPS v0.1 linear layers {net}.pth (shipped with "
-                f"torchmetrics and the lpips package); none at {linear!r}. pip install "
-                f"torchmetrics or set [metric_options.lpips] linear = '/path/to/{net}.pth'"
-            )
+        check_lpips_weights(options.get("lpips", {}))
 
 
 class _DemoFeatures:
@@ -402,323 +302,6 @@ class _InceptionFeatures:  # pragma: no cover - needs weights absent in CI
         with torch.no_grad():
             f = self.net(x.to(self.device))
         return f.float().cpu(), None
-
-
-def _uint8_rgb(images: Any) -> Any:
-    """``[-1, 1]`` images as the uint8 RGB a saved PNG holds (grey repeated to 3 channels)."""
-    import torch
-
-    x = ((images.detach().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-
-
-def _embeds(out: Any) -> Any:
-    """The projected embeddings of ``get_image_features`` / ``get_text_features``.
-
-    transformers 4 returns the tensor; transformers 5 a ``BaseModelOutputWithPooling``
-    whose ``pooler_output`` holds the projection.
-    """
-    import torch
-
-    if isinstance(out, torch.Tensor):
-        return out
-    pooled = getattr(out, "pooler_output", None)
-    if isinstance(pooled, torch.Tensor):
-        return pooled
-    raise TypeError(f"CLIP features: expected a tensor or a pooler_output, got {type(out)}")
-
-
-def _load_clip(path: str, device: Any, what: str, key: str, *, text: bool) -> tuple[Any, Any]:
-    """``(CLIPModel, CLIPProcessor or CLIPImageProcessor)`` of a local folder.
-
-    An unusable folder is a :class:`MetricWeightsError` naming ``what`` and ``key``.
-    """
-    from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    try:
-        model = CLIPModel.from_pretrained(path, local_files_only=True).to(device).eval()
-        loader = CLIPProcessor if text else CLIPImageProcessor
-        proc = loader.from_pretrained(path, local_files_only=True)
-    except Exception as exc:  # a foreign or corrupt folder fails in many ways: say which
-        raise MetricWeightsError(
-            f"{what}: the CLIP folder {key} = {path!r} cannot be loaded offline "
-            f"({type(exc).__name__}: {exc}). {_CLIP_HOWTO} and set {key} = 'DIR'"
-        ) from None
-    return model, proc
-
-
-class _ClipFeatures:
-    """Projected CLIP image embeddings of the ``CLIPModel`` folder ``feature_options.model``."""
-
-    def __init__(self, options: Mapping[str, Any], device: Any) -> None:
-        self.model, self.proc = _load_clip(
-            str(options["model"]), device, "features = 'clip'", "feature_options.model", text=False
-        )
-        self.device = device
-
-    def __call__(self, images: Any) -> tuple[Any, None]:
-        import torch
-
-        inputs = self.proc(images=list(_uint8_rgb(images)), return_tensors="pt")
-        with torch.no_grad():
-            out = self.model.get_image_features(pixel_values=inputs["pixel_values"].to(self.device))
-        return _embeds(out).float().cpu(), None
-
-
-class ClipScorer:
-    """CLIP score of images with their prompts: ``100 · max(cos(E_I, E_C), 0)`` per image.
-
-    ``E_I`` and ``E_C`` are the projected CLIP embeddings of the image and the caption
-    (Hessel et al. 2021, "CLIPScore", Eq. 1 with weight 100 as in torchmetrics'
-    ``clip_score``). Images in ``[-1, 1]`` are quantised to uint8 RGB (what a saved
-    PNG holds) and go through the folder's ``CLIPImageProcessor``; captions through
-    its tokenizer, truncated to the text model's positions (77 for OpenAI CLIP).
-    The cosine is taken in float64. torchmetrics clamps the *mean* at 0 instead of
-    each sample; the two agree whenever every cosine is ≥ 0, as with trained CLIPs.
-
-    Parameters
-    ----------
-    model
-        A local ``CLIPModel`` folder (``save_pretrained`` of the model and its
-        ``CLIPProcessor``); loaded with ``local_files_only=True``.
-    device
-        Torch device.
-
-    Examples
-    --------
-    A folder is needed (``tests/tiny_clip.py`` builds a random tiny one)::
-
-        scorer = ClipScorer("/models/clip-vit-large-patch14", "cuda")
-        scorer(images, ["a photo of a cat", ...])  # float64 tensor (n,)
-    """
-
-    def __init__(self, model: str, device: Any) -> None:
-        key = "[metric_options.clip_score] model"
-        self.model, self.proc = _load_clip(str(model), device, "metrics clip_score", key, text=True)
-        self.device = device
-        self.max_len = int(self.model.config.text_config.max_position_embeddings)
-
-    def image_embeds(self, images: Any) -> Any:
-        """Projected image embeddings ``(n, d)`` (float32) of images in ``[-1, 1]``."""
-        import torch
-
-        inputs = self.proc.image_processor(images=list(_uint8_rgb(images)), return_tensors="pt")
-        with torch.no_grad():
-            out = self.model.get_image_features(pixel_values=inputs["pixel_values"].to(self.device))
-        return _embeds(out).float().cpu()
-
-    def text_embeds(self, prompts: Sequence[str]) -> Any:
-        """Projected text embeddings ``(n, d)`` (float32) of the prompts."""
-        import torch
-
-        tok = self.proc.tokenizer(
-            [str(p) for p in prompts],
-            padding=True,
-            truncation=True,
-            max_length=self.max_len,
-            return_tensors="pt",
-        )
-        with torch.no_grad():
-            out = self.model.get_text_features(
-                input_ids=tok["input_ids"].to(self.device),
-                attention_mask=tok["attention_mask"].to(self.device),
-            )
-        return _embeds(out).float().cpu()
-
-    def __call__(self, images: Any, prompts: Sequence[str]) -> Any:
-        """Per-image CLIP score, float64 ``(n,)``."""
-        if len(prompts) != images.shape[0]:
-            raise ValueError(
-                f"prompts: {len(prompts)} prompts for {images.shape[0]} images; one each"
-            )
-        a = self.image_embeds(images).double()
-        b = self.text_embeds(prompts).double()
-        cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
-        return 100 * cos.clamp_min(0.0)
-
-
-#: torchvision's ImageNet checkpoints of the LPIPS backbones (``torch.hub`` file names).
-_LPIPS_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
-#: Indices in torchvision's ``features`` after which LPIPS taps the activations.
-_LPIPS_TAPS = {"alex": (1, 4, 7, 9, 11), "vgg": (3, 8, 15, 22, 29)}
-_VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
-
-
-def _lpips_backbone(net: str) -> Any:
-    """torchvision's ``alexnet().features`` / ``vgg16().features`` up to the last tap.
-
-    Same layers and indices, so its checkpoint's ``features.*`` keys load unchanged.
-    """
-    import torch.nn as nn
-
-    layers: list[Any]
-    if net == "alex":
-        layers = [
-            nn.Conv2d(3, 64, 11, stride=4, padding=2),
-            nn.ReLU(),
-            nn.MaxPool2d(3, 2),
-            nn.Conv2d(64, 192, 5, padding=2),
-            nn.ReLU(),
-            nn.MaxPool2d(3, 2),
-            nn.Conv2d(192, 384, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(384, 256, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(256, 256, 3, padding=1),
-            nn.ReLU(),
-        ]
-    else:
-        layers, c = [], 3
-        for v in _VGG16:
-            if v == "M":
-                layers.append(nn.MaxPool2d(2, 2))
-            else:
-                layers += [nn.Conv2d(c, int(v), 3, padding=1), nn.ReLU()]
-                c = int(v)
-    return nn.Sequential(*layers[: _LPIPS_TAPS[net][-1] + 1])
-
-
-class _Lpips:
-    """LPIPS distance of image pairs; see :func:`lpips_network`."""
-
-    # LPIPS' ScalingLayer: the ImageNet statistics of [-1, 1] inputs
-    _SHIFT = (-0.030, -0.088, -0.188)
-    _SCALE = (0.458, 0.448, 0.450)
-
-    def __init__(
-        self, net: str, backbone: Mapping[str, Any], linear: Mapping[str, Any], resize: Any
-    ) -> None:
-        import torch
-
-        self.net, self.resize = net, resize
-        self.features = _lpips_backbone(net).eval()
-        sd = {k.removeprefix("features."): v for k, v in backbone.items()}
-        want = self.features.state_dict()
-        missing = [k for k in want if k not in sd or sd[k].shape != want[k].shape]
-        if missing:
-            raise MetricWeightsError(
-                f"metrics lpips: the {net} backbone checkpoint lacks {missing[:3]} (or their "
-                f"shapes differ); expected torchvision's {_LPIPS_FILES[net]}"
-            )
-        self.features.load_state_dict({k: sd[k] for k in want})
-        self.lins = []
-        for i, c in enumerate(self.features[j].out_channels for j in self._conv_before_taps()):
-            w = linear.get(f"lin{i}.model.1.weight", linear.get(f"lin{i}.model.0.weight"))
-            if w is None or tuple(w.shape) != (1, c, 1, 1):
-                raise MetricWeightsError(
-                    f"metrics lpips: the linear layers lack lin{i}.model.1.weight of shape "
-                    f"(1, {c}, 1, 1); expected LPIPS v0.1 {net}.pth"
-                )
-            self.lins.append(w.float())
-        self.shift = torch.tensor(self._SHIFT)[None, :, None, None]
-        self.scale = torch.tensor(self._SCALE)[None, :, None, None]
-
-    def _conv_before_taps(self) -> list[int]:
-        import torch.nn as nn
-
-        out = []
-        for t in _LPIPS_TAPS[self.net]:
-            j = t
-            while not isinstance(self.features[j], nn.Conv2d):
-                j -= 1
-            out.append(j)
-        return out
-
-    def to(self, device: Any) -> _Lpips:
-        self.features.to(device)
-        self.lins = [w.to(device) for w in self.lins]
-        self.shift, self.scale = self.shift.to(device), self.scale.to(device)
-        return self
-
-    def _taps(self, x: Any) -> list[Any]:
-        out, taps = [], set(_LPIPS_TAPS[self.net])
-        for i, layer in enumerate(self.features):
-            x = layer(x)
-            if i in taps:
-                out.append(x)
-        return out
-
-    def _prepare(self, x: Any) -> Any:
-        import torch.nn.functional as F
-
-        x = x.float().clamp(-1, 1)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        x = (x.to(self.shift.device) - self.shift) / self.scale
-        h, w = x.shape[-2:]
-        size = self.resize if self.resize is not None else (64 if min(h, w) < 64 else None)
-        if size is None:
-            return x
-        if h > size and w > size:  # torch-fidelity's / torchmetrics' resize rule
-            return F.interpolate(x, (size, size), mode="area")
-        return F.interpolate(x, (size, size), mode="bilinear", align_corners=False)
-
-    def __call__(self, x: Any, y: Any) -> Any:
-        """LPIPS of each pair, float64 ``(n,)``."""
-        import torch
-
-        with torch.no_grad():
-            fx, fy = self._taps(self._prepare(x)), self._taps(self._prepare(y))
-            total = torch.zeros(x.shape[0], dtype=torch.float64)
-            for a, b, w in zip(fx, fy, self.lins, strict=True):
-                na = a / torch.sqrt(1e-8 + (a * a).sum(dim=1, keepdim=True))
-                nb = b / torch.sqrt(1e-8 + (b * b).sum(dim=1, keepdim=True))
-                d = torch.nn.functional.conv2d((na - nb) ** 2, w)
-                total += d.mean(dim=(1, 2, 3)).double().cpu()
-        return total
-
-
-def lpips_network(options: Mapping[str, Any], device: Any) -> Any:
-    """The LPIPS distance ``(x, y) -> (n,)`` of ``[metric_options.lpips]`` (local weights).
-
-    ``d(x, y) = Σ_l mean_hw w_l · (x̂_l − ŷ_l)²`` with ``x̂_l`` the activations of
-    tap ``l`` of the backbone on the scaled image, unit-normalised over channels
-    (``f / sqrt(1e-8 + Σ_c f²)``), and ``w_l`` the non-negative LPIPS v0.1 linear
-    layer (Zhang et al. 2018, Eq. 1; the formula and constants of torchmetrics'
-    ``LearnedPerceptualImagePatchSimilarity``). Inputs in ``[-1, 1]`` (grey is
-    repeated to RGB); images with a side under 64 px are resized to 64 first, as
-    torch-fidelity does (``resize`` overrides).
-
-    The network is built here, without torchvision: torchmetrics and the lpips
-    package build it through torchvision, whose downloader fetches the backbone;
-    this loads the same two files from disk, so nothing is fetched.
-
-    Parameters
-    ----------
-    options
-        ``net`` (``"alex"``, default, or ``"vgg"``), ``backbone`` (torchvision's
-        ImageNet checkpoint; default ``torch.hub.get_dir()/checkpoints/<file>``),
-        ``linear`` (LPIPS v0.1 ``<net>.pth``; default the copy shipped in torchmetrics
-        or the lpips package), ``resize``.
-    device
-        Torch device.
-
-    Returns
-    -------
-    callable
-        ``(x, y)`` of shape ``(n, c, h, w)`` -> float64 LPIPS per pair.
-
-    Examples
-    --------
-    Needs the backbone checkpoint offline::
-
-        d = lpips_network({"net": "alex"}, "cpu")
-        d(guided, unguided)  # tensor([0.21, ...], dtype=torch.float64)
-    """
-    import torch
-
-    net, backbone, linear = _lpips_defaults(options)
-    check_metric_weights(["lpips"], {"lpips": dict(options)})
-
-    def load(path: str) -> Any:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # a corrupt or foreign file: say which
-            raise MetricWeightsError(
-                f"metrics lpips: cannot read {path!r} ({type(exc).__name__}: {exc})"
-            ) from None
-
-    return _Lpips(net, load(backbone), load(str(linear)), options.get("resize")).to(device)
 
 
 def load_metric_nets(
@@ -777,7 +360,7 @@ def load_extractor(features: str, options: Mapping[str, Any], device: Any) -> An
     >>> f.shape, p.shape
     (torch.Size([2, 128]), torch.Size([2, 10]))
     """
-    cls = {"demo": _DemoFeatures, "inception": _InceptionFeatures, "clip": _ClipFeatures}[features]
+    cls = {"demo": _DemoFeatures, "inception": _InceptionFeatures, "clip": ClipFeatures}[features]
     return cls(options, device)
 
 
