@@ -683,6 +683,57 @@ def test_unet_with_ip_adapters_forked_equals_unforked(xl: bool, name: str, rule:
     assert float((flipped - outs[None]).abs().max()) > 1e-3
 
 
+@pytest.mark.parametrize(
+    "rule", [SEG(3.0, sigma=math.inf), SEG(3.0, sigma=10.0, cfg_scale=5.0)], ids=["seg", "cfg+seg"]
+)
+def test_unet_with_ip_adapter_masks_forked_equals_unforked(rule: Any) -> None:
+    """One image with IP-Adapter masks (``cross_attention_kwargs``, ``(1, images, H, W)``).
+
+    The masks' leading axis is the image batch, so they are batched per branch
+    and the fork cuts and copies their rows like the image embeddings' (SEG
+    alone: a pre-fork batch of 1).
+    """
+    from diffusers.image_processor import IPAdapterMaskProcessor
+
+    from smoothguide.diffusers import patcher_for
+
+    unet = make_unet(False, torch.float32)
+    load_random_ip_adapters(unet, torch.float32)
+    den = EpsDenoiser(unet)
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(1, 4, 8, 12, generator=g)
+    left = torch.zeros(1, 1, 16, 24)
+    left[..., :12] = 1.0
+    masks = IPAdapterMaskProcessor().preprocess([left, 1 - left], height=16, width=24)
+    kw = {"ip_adapter_masks": [m[None] for m in masks]}  # one (1, 1, H, W) mask per adapter
+    cond = {
+        "encoder_hidden_states": torch.randn(1, 5, 16, generator=g),
+        "added_cond_kwargs": {
+            "image_embeds": [torch.randn(1, 1, d, generator=g) for d in IP_EMBED]
+        },
+        "cross_attention_kwargs": kw,
+    }
+    uncond = {
+        "encoder_hidden_states": torch.zeros(1, 5, 16),
+        "added_cond_kwargs": {"image_embeds": [torch.zeros(1, 1, d) for d in IP_EMBED]},
+        "cross_attention_kwargs": kw,
+    }
+    outs = []
+    for fork in (False, True):
+        guided = GuidedDenoiser(den, rule, uncond=uncond, perturber=patcher_for(unet), fork=fork)
+        with torch.no_grad():
+            outs.append(guided(x, 1.3, **cond))
+    close(outs[1], outs[0], ops=256)
+    # the masks matter (left and right halves: each adapter acts on its own half)
+    for c in (cond, uncond):
+        del c["cross_attention_kwargs"]
+    with torch.no_grad():
+        unmasked = GuidedDenoiser(den, rule, uncond=uncond, perturber=patcher_for(unet))(
+            x, 1.3, **cond
+        )
+    assert float((unmasked - outs[1]).abs().max()) > 1e-3
+
+
 # ------------------------------------------------------------------ diffusers pipelines
 
 transformers = pytest.importorskip("transformers")
