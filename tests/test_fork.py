@@ -210,6 +210,61 @@ def test_generic_model_forked_equals_unforked(name: str, rule: Any, points: list
         sizes.append(sizes[-1] + B * sum(1 for _ in [p]))
 
 
+@pytest.mark.parametrize(("name", "rule", "points"), TOY_CASES, ids=[c[0] for c in TOY_CASES])
+def test_early_copy_at_the_previous_block_output(name: str, rule: Any, points: list[str]) -> None:
+    """``ForkPolicy(early=True)``: rows copied at the previous block's output, which is freed.
+
+    Same outputs as unforked; a fork point with a previous block sees its rows
+    already copied, and the previous block's pre-fork output tensor is gone
+    when the fork point runs (the forward holds only the copies).
+    """
+    import weakref
+
+    net = make_net()
+    patcher = AttentionPatcher(net, layers=Attn, fork=ForkPolicy(proven=True, early=True))
+    x, cond, uncond = inputs()
+    refs: dict[str, Any] = {}
+    alive: dict[str, bool] = {}
+    mods = dict(net.named_modules())
+    handles = []
+    for p in points:
+        i = int(p.split(".")[1])
+        if i > 0:  # registered before the fork hooks: sees the block's own output
+            handles.append(
+                mods[f"blocks.{i - 1}"].register_forward_hook(
+                    lambda m, a, out, p=p: refs.__setitem__(p, weakref.ref(out))
+                )
+            )
+            handles.append(
+                mods[p].register_forward_pre_hook(
+                    lambda m, a, p=p: alive.__setitem__(p, refs[p]() is not None)
+                )
+            )
+    outs, seen = {}, {}
+    for fork in (False, True):
+        rows = Rows(net, "embed", *points)
+        guided = GuidedDenoiser(net, rule, uncond={"context": uncond}, perturber=patcher, fork=fork)
+        alive.clear()
+        with torch.no_grad():
+            outs[fork] = guided(x, 0.7, context=cond)
+        rows.close()
+        seen[fork] = rows.seen
+        if fork:
+            assert alive == {p: False for p in points if not p.endswith(".0")}
+        else:
+            assert all(alive.values())  # the check can see a live tensor
+    for h in handles:
+        h.remove()
+    close(outs[True], outs[False])
+    order = guided.rule.branches(guided.context(0.7))
+    size = len({b.conditioning for b in order if b.perturbation is None}) * B
+    assert seen[True]["embed"] == [size]
+    for p in points:  # the fork point's input: copied already unless it is the first block
+        expected = size if p.endswith(".0") else size + B
+        assert seen[True][p] == [expected]
+        size += B
+
+
 def test_schedules_turn_the_forked_branch_on_and_off() -> None:
     net = make_net()
     patcher = AttentionPatcher(net, layers=Attn)
