@@ -11,7 +11,10 @@ How a forked call runs (the row layout comes from
 2. A forward pre-hook on each fork point (for example a UNet's ``mid_block``)
    appends copies of the source rows to every batch-sized tensor argument
    (hidden states, time embedding, encoder states, added conditions, also
-   inside tuples, lists and dicts).
+   inside tuples, lists and dicts). With ``ForkPolicy(early=True)`` a forward
+   hook on the previous block of the same ``ModuleList`` copies the rows of
+   its output instead, so the pre-fork hidden states are freed before the
+   fork point runs (lower peak memory).
 3. Every later module call made by the fork point's ancestors (the modules
    they call directly: a UNet's up blocks and output layers) gets its
    arguments expanded to the batch in effect: a tensor whose leading axis is
