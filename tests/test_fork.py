@@ -210,6 +210,61 @@ def test_generic_model_forked_equals_unforked(name: str, rule: Any, points: list
         sizes.append(sizes[-1] + B * sum(1 for _ in [p]))
 
 
+@pytest.mark.parametrize(("name", "rule", "points"), TOY_CASES, ids=[c[0] for c in TOY_CASES])
+def test_early_copy_at_the_previous_block_output(name: str, rule: Any, points: list[str]) -> None:
+    """``ForkPolicy(early=True)``: rows copied at the previous block's output, which is freed.
+
+    Same outputs as unforked; a fork point with a previous block sees its rows
+    already copied, and the previous block's pre-fork output tensor is gone
+    when the fork point runs (the forward holds only the copies).
+    """
+    import weakref
+
+    net = make_net()
+    patcher = AttentionPatcher(net, layers=Attn, fork=ForkPolicy(proven=True, early=True))
+    x, cond, uncond = inputs()
+    refs: dict[str, Any] = {}
+    alive: dict[str, bool] = {}
+    mods = dict(net.named_modules())
+    handles = []
+    for p in points:
+        i = int(p.split(".")[1])
+        if i > 0:  # registered before the fork hooks: sees the block's own output
+            handles.append(
+                mods[f"blocks.{i - 1}"].register_forward_hook(
+                    lambda m, a, out, p=p: refs.__setitem__(p, weakref.ref(out))
+                )
+            )
+            handles.append(
+                mods[p].register_forward_pre_hook(
+                    lambda m, a, p=p: alive.__setitem__(p, refs[p]() is not None)
+                )
+            )
+    outs, seen = {}, {}
+    for fork in (False, True):
+        rows = Rows(net, "embed", *points)
+        guided = GuidedDenoiser(net, rule, uncond={"context": uncond}, perturber=patcher, fork=fork)
+        alive.clear()
+        with torch.no_grad():
+            outs[fork] = guided(x, 0.7, context=cond)
+        rows.close()
+        seen[fork] = rows.seen
+        if fork:
+            assert alive == {p: False for p in points if not p.endswith(".0")}
+        else:
+            assert all(alive.values())  # the check can see a live tensor
+    for h in handles:
+        h.remove()
+    close(outs[True], outs[False])
+    order = guided.rule.branches(guided.context(0.7))
+    size = len({b.conditioning for b in order if b.perturbation is None}) * B
+    assert seen[True]["embed"] == [size]
+    for p in points:  # the fork point's input: copied already unless it is the first block
+        expected = size if p.endswith(".0") else size + B
+        assert seen[True][p] == [expected]
+        size += B
+
+
 def test_schedules_turn_the_forked_branch_on_and_off() -> None:
     net = make_net()
     patcher = AttentionPatcher(net, layers=Attn)
@@ -550,6 +605,190 @@ def test_unet_float32_within_tolerance() -> None:
     close(outs[1], outs[0], ops=256)
 
 
+# ------------------------------------------------------------- UNet with IP-Adapter
+
+IP_EMBED = (12, 10)  # two IP-Adapters, CLIP image-embedding widths 12 and 10
+
+
+def load_random_ip_adapters(unet: Any, dtype: torch.dtype) -> None:
+    """Two plain IP-Adapters from random state dicts, through diffusers' own loader.
+
+    ``UNet2DConditionModel._load_ip_adapter_weights`` (what ``load_ip_adapter``
+    calls after reading a checkpoint) installs ``IPAdapterAttnProcessor2_0`` in
+    every cross attention and a ``MultiIPAdapterImageProjection`` (4 image tokens
+    per adapter) as ``encoder_hid_proj``; the keys follow the checkpoint format
+    (``<k>.to_k_ip.weight``, k = 1, 3, 5, ... over the cross attentions).
+    """
+    g = torch.Generator().manual_seed(7)
+    cross = unet.config.cross_attention_dim
+    state_dicts = []
+    for dim in IP_EMBED:
+        ip: dict[str, torch.Tensor] = {}
+        key = 1
+        for name in unet.attn_processors:
+            if name.endswith("attn2.processor"):
+                # the image keys / values have the width of the layer's text keys
+                hidden = unet.get_submodule(name.removesuffix(".processor")).to_k.out_features
+                for k in ("to_k_ip", "to_v_ip"):
+                    ip[f"{key}.{k}.weight"] = torch.randn(hidden, cross, generator=g) * 0.3
+                key += 2
+        proj = {
+            "proj.weight": torch.randn(4 * cross, dim, generator=g) * 0.3,
+            "proj.bias": torch.randn(4 * cross, generator=g) * 0.1,
+            "norm.weight": 1 + 0.1 * torch.randn(cross, generator=g),
+            "norm.bias": 0.1 * torch.randn(cross, generator=g),
+        }
+        state_dicts.append({"image_proj": proj, "ip_adapter": ip})
+    unet._load_ip_adapter_weights(state_dicts, low_cpu_mem_usage=False)
+    unet.to(dtype)
+
+
+class IPRows:
+    """Leading sizes of the IP-Adapter image tokens each chosen cross attention receives."""
+
+    def __init__(self, unet: Any, *names: str) -> None:
+        self.seen: dict[str, list[tuple[int, ...]]] = {n: [] for n in names}
+        mods = dict(unet.named_modules())
+
+        def record(name: str) -> Any:
+            def hook(m: Any, a: Any, kw: dict[str, Any]) -> None:
+                text, images = kw["encoder_hidden_states"]
+                self.seen[name].append((text.shape[0], *(t.shape[0] for t in images)))
+
+            return hook
+
+        self.handles = [
+            mods[n].register_forward_pre_hook(record(n), with_kwargs=True) for n in names
+        ]
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+IP_CASES = [
+    ("cfg+seg-mid", SEG(3.0, sigma=10.0, cfg_scale=5.0)),
+    ("seg-only", SEG(3.0, sigma=math.inf)),
+    ("cfg+pag-mid", Compose(CFG(5.0), PAG(3.0, layers=MID))),
+]
+
+
+@pytest.mark.parametrize("xl", [False, True], ids=["sd", "sdxl"])
+@pytest.mark.parametrize(("name", "rule"), IP_CASES, ids=[c[0] for c in IP_CASES])
+def test_unet_with_ip_adapters_forked_equals_unforked(xl: bool, name: str, rule: Any) -> None:
+    """IP-Adapter image embeddings (a list of per-adapter tensors in ``added_cond_kwargs``).
+
+    2 images, a negative prompt (random embeddings) with zero negative image
+    embeddings (what diffusers' pipelines pass), float32, non-square latent.
+    """
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+
+    from smoothguide.diffusers import patcher_for
+
+    unet = make_unet(xl, torch.float32)
+    load_random_ip_adapters(unet, torch.float32)
+    assert isinstance(
+        unet.attn_processors["mid_block.attentions.0.transformer_blocks.0.attn2.processor"],
+        IPAdapterAttnProcessor2_0,
+    )
+    den = EpsDenoiser(unet)
+    patcher = patcher_for(unet)
+    assert patcher.fork_proven
+    cond, uncond = unet_cond(xl, torch.float32)
+    g = torch.Generator().manual_seed(8)
+    images = [torch.randn(B, 1, d, generator=g) for d in IP_EMBED]
+    cond.setdefault("added_cond_kwargs", {})["image_embeds"] = images
+    uncond.setdefault("added_cond_kwargs", {})["image_embeds"] = [
+        torch.zeros(1, 1, d) for d in IP_EMBED
+    ]
+    x = torch.randn(B, 4, 8, 12, generator=torch.Generator().manual_seed(4))
+    mid = "mid_block.attentions.0.transformer_blocks.0.attn2"
+    up = "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
+    outs, seen, ip_seen = {}, {}, {}
+    for fork in (False, None):
+        rows = Rows(unet, "conv_in", "mid_block")
+        ip_rows = IPRows(unet, "down_blocks.0.attentions.0.transformer_blocks.0.attn2", mid, up)
+        guided = GuidedDenoiser(den, rule, uncond=uncond, perturber=patcher, fork=fork)
+        with torch.no_grad():
+            outs[fork] = guided(x, 1.3, **cond)
+        rows.close()
+        ip_rows.close()
+        seen[fork], ip_seen[fork] = rows.seen, ip_rows.seen
+    close(outs[None], outs[False], ops=256)
+    branches = list(guided.rule.branches(guided.context(1.3)))
+    plain = len({b.conditioning for b in branches if b.perturbation is None})
+    full = len(branches) * B
+    # the fork happened: the down blocks and the mid block's input ran the plain rows only
+    assert seen[None]["conv_in"] == [plain * B]
+    assert seen[None]["mid_block"] == [plain * B]
+    assert seen[False]["conv_in"] == [full]
+    # and the IP-Adapter processors saw text and image tokens at the batch in effect
+    pre, post = (plain * B,) * 3, (full,) * 3
+    assert ip_seen[None] == {
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn2": [pre],
+        mid: [post],
+        up: [post],
+    }
+    assert all(v == [post] for v in ip_seen[False].values())
+    # the image embeddings matter (their rows were not lost or mixed up by the fork)
+    guided = GuidedDenoiser(den, rule, uncond=uncond, perturber=patcher)
+    cond["added_cond_kwargs"]["image_embeds"] = [t.flip(0) for t in images]
+    with torch.no_grad():
+        flipped = guided(x, 1.3, **cond)
+    assert float((flipped - outs[None]).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize(
+    "rule", [SEG(3.0, sigma=math.inf), SEG(3.0, sigma=10.0, cfg_scale=5.0)], ids=["seg", "cfg+seg"]
+)
+def test_unet_with_ip_adapter_masks_forked_equals_unforked(rule: Any) -> None:
+    """One image with IP-Adapter masks (``cross_attention_kwargs``, ``(1, images, H, W)``).
+
+    The masks' leading axis is the image batch, so they are batched per branch
+    and the fork cuts and copies their rows like the image embeddings' (SEG
+    alone: a pre-fork batch of 1).
+    """
+    from diffusers.image_processor import IPAdapterMaskProcessor
+
+    from smoothguide.diffusers import patcher_for
+
+    unet = make_unet(False, torch.float32)
+    load_random_ip_adapters(unet, torch.float32)
+    den = EpsDenoiser(unet)
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(1, 4, 8, 12, generator=g)
+    left = torch.zeros(1, 1, 16, 24)
+    left[..., :12] = 1.0
+    masks = IPAdapterMaskProcessor().preprocess([left, 1 - left], height=16, width=24)
+    kw = {"ip_adapter_masks": [m[None] for m in masks]}  # one (1, 1, H, W) mask per adapter
+    cond = {
+        "encoder_hidden_states": torch.randn(1, 5, 16, generator=g),
+        "added_cond_kwargs": {
+            "image_embeds": [torch.randn(1, 1, d, generator=g) for d in IP_EMBED]
+        },
+        "cross_attention_kwargs": kw,
+    }
+    uncond = {
+        "encoder_hidden_states": torch.zeros(1, 5, 16),
+        "added_cond_kwargs": {"image_embeds": [torch.zeros(1, 1, d) for d in IP_EMBED]},
+        "cross_attention_kwargs": kw,
+    }
+    outs = []
+    for fork in (False, True):
+        guided = GuidedDenoiser(den, rule, uncond=uncond, perturber=patcher_for(unet), fork=fork)
+        with torch.no_grad():
+            outs.append(guided(x, 1.3, **cond))
+    close(outs[1], outs[0], ops=256)
+    # the masks matter (left and right halves: each adapter acts on its own half)
+    for c in (cond, uncond):
+        del c["cross_attention_kwargs"]
+    with torch.no_grad():
+        unmasked = GuidedDenoiser(den, rule, uncond=uncond, perturber=patcher_for(unet))(
+            x, 1.3, **cond
+        )
+    assert float((unmasked - outs[1]).abs().max()) > 1e-3
+
+
 # ------------------------------------------------------------------ diffusers pipelines
 
 transformers = pytest.importorskip("transformers")
@@ -590,6 +829,44 @@ def test_pipeline_forked_equals_unforked(
     assert out[None].shape == (2, 4, PH // 2, PW // 2)
     close(out[None], out[False], ops=256)
     assert no_hooks(pipe.unet)
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_pipeline_with_ip_adapters_forked_equals_unforked(kind: str) -> None:
+    """``ip_adapter_image_embeds`` through the pipeline's own preparation (negative first)."""
+    ip_pipe = make_pipe(kind)
+    load_random_ip_adapters(ip_pipe.unet, torch.float32)
+    g = torch.Generator().manual_seed(9)
+    embeds = [torch.randn(2, 1, d, generator=g) for d in IP_EMBED]  # [negative; positive]
+    rule = Compose(CFG(4.0), SEG(2.0, sigma=3.0), PAG(2.0, layers="up"))
+    out = {}
+    for fork in (False, None):
+        rows = Rows(ip_pipe.unet, "conv_in", "conv_out")
+        guided = GuidedPipeline(ip_pipe, rule, fork=fork)
+        out[fork] = call(
+            guided,
+            "a cat",
+            negative_prompt="a photo",
+            num_images_per_prompt=2,
+            ip_adapter_image_embeds=embeds,
+            output_type="latent",
+        ).images
+        rows.close()
+        if fork is None:
+            assert rows.seen["conv_in"][0] < rows.seen["conv_out"][0]
+        else:
+            assert rows.seen["conv_in"] == rows.seen["conv_out"]
+    close(out[None], out[False], ops=256)
+    assert no_hooks(ip_pipe.unet)
+    other = call(
+        GuidedPipeline(ip_pipe, rule),
+        "a cat",
+        negative_prompt="a photo",
+        num_images_per_prompt=2,
+        ip_adapter_image_embeds=[e.flip(0) for e in embeds],
+        output_type="latent",
+    ).images
+    assert float((other - out[None]).abs().max()) > 1e-3  # the image embeddings are used
 
 
 def test_controlnet_residuals_fork_after_the_down_blocks_only() -> None:

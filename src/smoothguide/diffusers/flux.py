@@ -230,9 +230,12 @@ FLUX = register_family(
         presets=flux_presets,
         default="double.mid",
         geometry=flux_geometry,
-        # fork at the (double or single) block of the first perturbed layer; exact
+        # fork at the (double or single) block of the first perturbed layer, copying the rows
+        # at the previous block's output of the same stack; exact (tests/test_fork.py)
         fork=ForkPolicy(
-            proven=True, refuse=("controlnet_block_samples", "controlnet_single_block_samples")
+            proven=True,
+            refuse=("controlnet_block_samples", "controlnet_single_block_samples"),
+            early=True,
         ),
     )
 )

@@ -159,7 +159,8 @@ SD3 = register_family(
         presets=sd3_presets,
         default="mid",
         geometry=sd3_geometry,
-        # fork at the block of the first perturbed layer; exact (tests/test_fork.py)
-        fork=ForkPolicy(proven=True, refuse=("block_controlnet_hidden_states",)),
+        # fork at the block of the first perturbed layer, copying the rows at the previous
+        # block's output (the block loop hands them on unchanged); exact (tests/test_fork.py)
+        fork=ForkPolicy(proven=True, refuse=("block_controlnet_hidden_states",), early=True),
     )
 )

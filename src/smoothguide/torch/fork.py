@@ -11,7 +11,10 @@ How a forked call runs (the row layout comes from
 2. A forward pre-hook on each fork point (for example a UNet's ``mid_block``)
    appends copies of the source rows to every batch-sized tensor argument
    (hidden states, time embedding, encoder states, added conditions, also
-   inside tuples, lists and dicts).
+   inside tuples, lists and dicts). With ``ForkPolicy(early=True)`` a forward
+   hook on the previous block of the same ``ModuleList`` copies the rows of
+   its output instead, so the pre-fork hidden states are freed before the
+   fork point runs (lower peak memory).
 3. Every later module call made by the fork point's ancestors (the modules
    they call directly: a UNet's up blocks and output layers) gets its
    arguments expanded to the batch in effect: a tensor whose leading axis is
@@ -67,6 +70,14 @@ class ForkPolicy:
         Keyword arguments of the model call that its ``forward`` combines with
         block outputs outside a module call (ControlNet residuals of SD3 and
         Flux): a call that passes one (not ``None``) raises ``ValueError``.
+    early
+        Copy the rows at the output of the fork point's previous sibling in its
+        container (``blocks.2`` for ``blocks.3``) instead of at the fork point's
+        input, so the model's ``forward`` does not hold the pre-fork hidden
+        states while the fork point runs on their copies (lower peak memory).
+        Exact when the ``forward`` hands a block's outputs to the next block
+        unchanged (a transformer's block loop). Where that sibling does not run
+        or returns no tensor of the batch in effect, the fork point copies them.
 
     Examples
     --------
@@ -75,12 +86,17 @@ class ForkPolicy:
     '0'
     """
 
-    def __init__(self, *, proven: bool = False, refuse: Sequence[str] = ()) -> None:
+    def __init__(
+        self, *, proven: bool = False, refuse: Sequence[str] = (), early: bool = False
+    ) -> None:
         self.proven = bool(proven)
         self.refuse = tuple(refuse)
+        self.early = bool(early)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(proven={self.proven}, refuse={self.refuse})"
+        return (
+            f"{type(self).__name__}(proven={self.proven}, refuse={self.refuse}, early={self.early})"
+        )
 
     def point(self, model: torch.nn.Module, layer: str) -> str:
         """The fork point of ``layer``: its outermost non-container ancestor below ``model``."""
@@ -269,6 +285,12 @@ class Forker:
         for name in self._hooked(modules, points):
             hook = self._point_hook(call, points.index(name) if name in points else None, name)
             handles.append(pre_hook_with_kwargs(modules[name], hook))
+        if self.policy.early:
+            for stage, point in enumerate(points):
+                prev = _previous_sibling(modules, point)
+                if prev is not None:
+                    hook = self._early_hook(call, stage)
+                    handles.append(modules[prev].register_forward_hook(hook))
         local.call = call
         failed = False
         try:
@@ -336,6 +358,20 @@ class Forker:
         new_kwargs = {k: cut(v, call.sizes[late.get(k, 0)]) for k, v in kwargs.items()}
         return new_args, new_kwargs
 
+    def _early_hook(self, call: _CallState, stage: int) -> Callable[..., Any]:
+        """Forward hook of the block before fork point ``stage``: copy the rows of its output."""
+
+        def hook(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+            if self._local.call is not call or not call.started or call.stage != stage:
+                return None
+            if not any(t.ndim >= 1 and t.shape[0] == call.batch for t in _tensors(output)):
+                return None  # nothing to copy here: the fork point's pre-hook does it
+            call.stage += 1
+            # the pre-fork output is freed now: the forward keeps only the copies
+            return call.expand(output)
+
+        return hook
+
     def _point_hook(self, call: _CallState, stage: int | None, name: str) -> Callable[..., Any]:
         def hook(
             module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -366,6 +402,16 @@ class Forker:
             return call.expand(args), call.expand(kwargs)
 
         return hook
+
+
+def _previous_sibling(modules: Mapping[str, torch.nn.Module], point: str) -> str | None:
+    """``blocks.2`` for ``blocks.3`` when ``blocks`` is a ``ModuleList`` (else ``None``)."""
+    parent, _, index = point.rpartition(".")
+    if not parent or not index.isdigit() or int(index) == 0:
+        return None
+    if not isinstance(modules.get(parent), torch.nn.ModuleList):
+        return None
+    return f"{parent}.{int(index) - 1}"
 
 
 def _called_children(module: torch.nn.Module, prefix: str) -> Iterator[str]:
