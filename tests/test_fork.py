@@ -682,7 +682,7 @@ def test_transformer_forked_equals_unforked(family: str, perturbations: dict[str
     assert float((outs[0][2 * batch : 3 * batch] - plain_rows).abs().max()) > 1e-3
 
 
-@pytest.mark.parametrize("family", ["pixart", "dit", "wan"])
+@pytest.mark.parametrize("family", ["wan", "ltx", "cogvideox"])
 def test_unforkable_families_refuse_fork_true_and_stay_unforked_by_default(family: str) -> None:
     model = MAKERS[family]()
     patcher = patcher_for(model)

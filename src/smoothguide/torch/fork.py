@@ -27,6 +27,19 @@ point's ancestors only hand their pre-fork values to module calls after it
 :class:`ForkPolicy`); model-specific inputs consumed after the fork point
 outside a module call (a UNet's ControlNet mid-block residual) are given at
 the batch of the stage in effect there by :meth:`ForkPolicy.stages_of`.
+
+4. Values the model computes *before* the first fork point and combines with a
+   block output itself, outside a module call (PixArt's ``embedded_timestep``
+   in ``scale_shift_table + embedded_timestep``), come from the policy's
+   ``early`` modules (PixArt: ``adaln_single``). A forward hook on each early
+   module returns its outputs already row-indexed to the *final* stage's rows
+   (the pre-fork rows are a prefix of every later stage, copies appended), and
+   remembers those tensors by identity: a module call made at an earlier stage
+   that receives one of them gets its prefix of the rows in effect there (the
+   blocks before the fork see their usual rows). Only those very tensors are
+   cut, never a tensor that merely has a later stage's batch, so no row is
+   guessed; an early module whose outputs hold no tensor of the batch in
+   effect raises ``RuntimeError``.
 """
 
 from __future__ import annotations
@@ -67,6 +80,12 @@ class ForkPolicy:
         Keyword arguments of the model call that its ``forward`` combines with
         block outputs outside a module call (ControlNet residuals of SD3 and
         Flux): a call that passes one (not ``None``) raises ``ValueError``.
+    early
+        Names of submodules that the model's ``forward`` calls itself before the
+        fork points and whose outputs it also uses after them outside a module
+        call (PixArt's ``adaln_single``): their batch-sized outputs are expanded
+        to the final stage's rows (cut back to the rows in effect for module
+        calls before the last fork). They must not be called inside a block.
 
     Examples
     --------
@@ -75,12 +94,18 @@ class ForkPolicy:
     '0'
     """
 
-    def __init__(self, *, proven: bool = False, refuse: Sequence[str] = ()) -> None:
+    def __init__(
+        self, *, proven: bool = False, refuse: Sequence[str] = (), early: Sequence[str] = ()
+    ) -> None:
+        if isinstance(refuse, str) or isinstance(early, str):
+            raise TypeError("refuse and early must be sequences of names, not a string")
         self.proven = bool(proven)
         self.refuse = tuple(refuse)
+        self.early = tuple(early)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(proven={self.proven}, refuse={self.refuse})"
+        early = f", early={self.early}" if self.early else ""
+        return f"{type(self).__name__}(proven={self.proven}, refuse={self.refuse}{early})"
 
     def point(self, model: torch.nn.Module, layer: str) -> str:
         """The fork point of ``layer``: its outermost non-container ancestor below ``model``."""
@@ -115,13 +140,17 @@ class ForkPolicy:
             )
         return {}
 
+    def early_of(self, model: torch.nn.Module) -> tuple[str, ...]:
+        """The early modules of ``model`` (default: ``early``); see the class parameters."""
+        return self.early
+
 
 class Unforkable(ForkPolicy):
     """A family whose ``forward`` mixes pre-fork values into block outputs: fork mode refused.
 
-    PixArt / DiT and the video transformers modulate the last block's output
-    with the time embedding in the model's own ``forward`` (``scale_shift_table
-    + temb``), outside any module call, so rows cannot be added at a block.
+    A model whose ``forward`` combines values from before the fork with a
+    block output outside any module call, in a way no ``early`` module or
+    ``stages_of`` argument captures, cannot add rows at a block.
     ``fork=None`` leaves them unforked; ``fork=True`` raises ``ValueError``
     with ``reason``.
 
@@ -158,6 +187,8 @@ class _CallState:
     stage: int = 0  # forks done so far
     started: bool = False
     index: dict[tuple[int, int, Any], torch.Tensor] = field(default_factory=dict)
+    # early-module outputs expanded to the final stage, by id (the dict keeps them alive)
+    grown: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def batch(self) -> int:
@@ -176,6 +207,9 @@ class _CallState:
         """Row-index every tensor of an earlier stage's batch to stage ``dst`` (default: now)."""
         dst = self.stage if dst is None else dst
         if isinstance(value, torch.Tensor):
+            if id(value) in self.grown and self.grown[id(value)] is value:
+                # an early module's output, at the final stage's rows: the prefix in effect
+                return value if dst == len(self.sizes) - 1 else value[: self.sizes[dst]]
             if value.ndim >= 1:
                 n = value.shape[0]
                 for src in range(dst):
@@ -266,9 +300,15 @@ class Forker:
             raise ValueError(f"fork points {missing} are not submodules of the model")
         call = _CallState(spec, spec.sizes, spec.sources)
         handles = []
+        early = list(self.policy.early_of(self.model))
+        absent = [e for e in early if e not in modules or e == ""]
+        if absent:
+            raise ValueError(f"early modules {absent} of the fork policy are not submodules")
         for name in self._hooked(modules, points):
             hook = self._point_hook(call, points.index(name) if name in points else None, name)
             handles.append(pre_hook_with_kwargs(modules[name], hook))
+        for name in early:
+            handles.append(modules[name].register_forward_hook(self._early_hook(call, name)))
         local.call = call
         failed = False
         try:
@@ -361,9 +401,32 @@ class Forker:
                     f"fork mode: fork point {name!r} ran before {call.spec.stages[call.stage][0]!r}"
                     ", not in the planned order; use fork=False for this model"
                 )
-            if call.stage == 0:
+            if call.stage == 0 and not call.grown:
                 return None
             return call.expand(args), call.expand(kwargs)
+
+        return hook
+
+    def _early_hook(self, call: _CallState, name: str) -> Callable[..., Any]:
+        def hook(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+            if self._local.call is not call or not call.started:
+                return None
+            final = len(call.sizes) - 1
+            before = {id(t) for t in _tensors(output)}
+            grown = call.expand(output, final)
+            new = [t for t in _tensors(grown) if id(t) not in before]
+            if not new and not any(
+                t.ndim >= 1 and t.shape[0] == call.sizes[final] for t in _tensors(output)
+            ):
+                shapes = [tuple(t.shape) for t in _tensors(output)]
+                raise RuntimeError(
+                    f"fork mode: the outputs of early module {name!r} have no tensor with the "
+                    f"{call.batch} rows in effect (shapes {shapes}), so they cannot be expanded "
+                    "to the forked rows; use fork=False"
+                )
+            for t in new:
+                call.grown[id(t)] = t
+            return grown
 
         return hook
 
