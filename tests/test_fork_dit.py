@@ -194,14 +194,14 @@ def check_rows(
     assert plain * batch < total
 
 
-@pytest.mark.parametrize("family", ["pixart", "dit"])
+ALL_CASES = [("pixart", *c) for c in CASES + PIXART_CASES] + [("dit", *c) for c in CASES]
+
+
 @pytest.mark.parametrize(
-    ("name", "rule", "points"), CASES + PIXART_CASES, ids=[c[0] for c in CASES + PIXART_CASES]
+    ("family", "name", "rule", "points"), ALL_CASES, ids=[f"{c[0]}-{c[1]}" for c in ALL_CASES]
 )
 def test_forked_equals_unforked(family: str, name: str, rule: Any, points: list[str]) -> None:
     """Two images; PixArt on a non-square 3 x 5 patch grid (DiT unpatchifies squares only)."""
-    if family == "dit" and (name, rule, points) in PIXART_CASES:
-        pytest.skip("the tiny DiT has 2 blocks")
     grid = (3, 5) if family == "pixart" else (4, 4)
     outs, seen, guided = run_both(family, rule, points, 2, grid)
     close(outs[None], outs[False])
