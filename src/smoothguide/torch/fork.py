@@ -39,11 +39,20 @@ the batch of the stage in effect there by :meth:`ForkPolicy.stages_of`.
    blocks before the fork see their usual rows). Only those very tensors are
    cut, never a tensor that merely has a later stage's batch, so no row is
    guessed; an early module whose outputs hold no tensor of the batch in
-   effect raises ``RuntimeError``.
+   effect raises ``RuntimeError``. Views of those tensors with the final
+   stage's batch as their leading axis (``temb.unflatten(1, (6, -1))``) are
+   cut the same way.
+5. Call arguments the policy *keeps* (``keep``: Wan's and CogVideoX's
+   ``hidden_states``, whose shape gives the ``batch_size`` of the final
+   reshape) reach the model's ``forward`` with every row, i.e. already at
+   the final stage's rows (a forked row's input is its source row's input),
+   and are treated like an early module's outputs: module calls before the
+   last fork get their prefix, early modules get them whole.
 """
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -85,7 +94,15 @@ class ForkPolicy:
         fork points and whose outputs it also uses after them outside a module
         call (PixArt's ``adaln_single``): their batch-sized outputs are expanded
         to the final stage's rows (cut back to the rows in effect for module
-        calls before the last fork). They must not be called inside a block.
+        calls before the last fork). They must be called by the model itself,
+        before the first fork point, and not inside a block.
+    keep
+        Names of arguments of the model's ``forward`` that it receives with every
+        row (not cut to the pre-fork rows): for a ``forward`` that takes a batch
+        size from them and applies it to the forked rows (Wan's and CogVideoX's
+        final ``reshape(batch_size, ...)``). Module calls before the last fork
+        get the rows in effect of them; only sound where ``forward`` uses them
+        outside module calls for their shape alone.
 
     Examples
     --------
@@ -95,17 +112,24 @@ class ForkPolicy:
     """
 
     def __init__(
-        self, *, proven: bool = False, refuse: Sequence[str] = (), early: Sequence[str] = ()
+        self,
+        *,
+        proven: bool = False,
+        refuse: Sequence[str] = (),
+        early: Sequence[str] = (),
+        keep: Sequence[str] = (),
     ) -> None:
-        if isinstance(refuse, str) or isinstance(early, str):
-            raise TypeError("refuse and early must be sequences of names, not a string")
+        if any(isinstance(v, str) for v in (refuse, early, keep)):
+            raise TypeError("refuse, early and keep must be sequences of names, not a string")
         self.proven = bool(proven)
         self.refuse = tuple(refuse)
         self.early = tuple(early)
+        self.keep = tuple(keep)
 
     def __repr__(self) -> str:
         early = f", early={self.early}" if self.early else ""
-        return f"{type(self).__name__}(proven={self.proven}, refuse={self.refuse}{early})"
+        keep = f", keep={self.keep}" if self.keep else ""
+        return f"{type(self).__name__}(proven={self.proven}, refuse={self.refuse}{early}{keep})"
 
     def point(self, model: torch.nn.Module, layer: str) -> str:
         """The fork point of ``layer``: its outermost non-container ancestor below ``model``."""
@@ -187,8 +211,18 @@ class _CallState:
     stage: int = 0  # forks done so far
     started: bool = False
     index: dict[tuple[int, int, Any], torch.Tensor] = field(default_factory=dict)
-    # early-module outputs expanded to the final stage, by id (the dict keeps them alive)
+    # early-module outputs and kept arguments at the final stage's rows, by id of their
+    # storage's base tensor (the dict keeps them alive, so the ids stay unique)
     grown: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def grow(self, t: torch.Tensor) -> None:
+        base = t if t._base is None else t._base
+        self.grown[id(base)] = base
+
+    def is_grown(self, t: torch.Tensor) -> bool:
+        """``t`` is (a view of) a tensor at the final rows, with the batch leading."""
+        base = t if t._base is None else t._base
+        return self.grown.get(id(base)) is base and t.ndim >= 1 and t.shape[0] == self.sizes[-1]
 
     @property
     def batch(self) -> int:
@@ -207,7 +241,7 @@ class _CallState:
         """Row-index every tensor of an earlier stage's batch to stage ``dst`` (default: now)."""
         dst = self.stage if dst is None else dst
         if isinstance(value, torch.Tensor):
-            if id(value) in self.grown and self.grown[id(value)] is value:
+            if self.grown and self.is_grown(value):
                 # an early module's output, at the final stage's rows: the prefix in effect
                 return value if dst == len(self.sizes) - 1 else value[: self.sizes[dst]]
             if value.ndim >= 1:
@@ -305,7 +339,8 @@ class Forker:
         if absent:
             raise ValueError(f"early modules {absent} of the fork policy are not submodules")
         for name in self._hooked(modules, points):
-            hook = self._point_hook(call, points.index(name) if name in points else None, name)
+            stage = points.index(name) if name in points else None
+            hook = self._point_hook(call, stage, name, name in early)
             handles.append(pre_hook_with_kwargs(modules[name], hook))
         for name in early:
             handles.append(modules[name].register_forward_hook(self._early_hook(call, name)))
@@ -372,11 +407,40 @@ class Forker:
                 return type(value)(cut(v, rows) for v in value)
             return value
 
-        new_args = tuple(cut(a, spec.pre) for a in args)
-        new_kwargs = {k: cut(v, call.sizes[late.get(k, 0)]) for k, v in kwargs.items()}
-        return new_args, new_kwargs
+        keep = set(self.policy.keep)
+        names = self._arg_names(len(args)) if keep else []
+        new_args = []
+        for i, a in enumerate(args):
+            if i < len(names) and names[i] in keep:
+                new_args.append(self._kept(call, a))
+            else:
+                new_args.append(cut(a, spec.pre))
+        new_kwargs = {
+            k: self._kept(call, v) if k in keep else cut(v, call.sizes[late.get(k, 0)])
+            for k, v in kwargs.items()
+        }
+        return tuple(new_args), new_kwargs
 
-    def _point_hook(self, call: _CallState, stage: int | None, name: str) -> Callable[..., Any]:
+    def _arg_names(self, n: int) -> list[str]:
+        """Names of the first ``n`` positional parameters of the model's ``forward``."""
+        params = [
+            p.name
+            for p in inspect.signature(self.model.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        return params[:n]
+
+    @staticmethod
+    def _kept(call: _CallState, value: Any) -> Any:
+        """A kept argument: whole (it has the final stage's rows), remembered to be cut."""
+        for t in _tensors(value):
+            if t.ndim >= 1 and t.shape[0] == call.sizes[-1]:
+                call.grow(t)
+        return value
+
+    def _point_hook(
+        self, call: _CallState, stage: int | None, name: str, early: bool = False
+    ) -> Callable[..., Any]:
         def hook(
             module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
         ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
@@ -401,8 +465,8 @@ class Forker:
                     f"fork mode: fork point {name!r} ran before {call.spec.stages[call.stage][0]!r}"
                     ", not in the planned order; use fork=False for this model"
                 )
-            if call.stage == 0 and not call.grown:
-                return None
+            if call.stage == 0 and (early or not call.grown):
+                return None  # early modules see kept arguments whole
             return call.expand(args), call.expand(kwargs)
 
         return hook
@@ -424,8 +488,9 @@ class Forker:
                     f"{call.batch} rows in effect (shapes {shapes}), so they cannot be expanded "
                     "to the forked rows; use fork=False"
                 )
-            for t in new:
-                call.grown[id(t)] = t
+            for t in _tensors(grown):
+                if t.ndim >= 1 and t.shape[0] == call.sizes[final]:
+                    call.grow(t)
             return grown
 
         return hook

@@ -1,0 +1,175 @@
+"""Fork mode on the video transformers (Wan, LTX-Video, CogVideoX): forked == unforked.
+
+Their ``forward`` applies the input's ``batch_size`` after the blocks (Wan,
+CogVideoX: the final ``reshape``; LTX: ``temb.view(batch_size, ...)`` of the
+time embedding that also modulates the last block's output), so the family
+policies keep ``hidden_states`` whole and name early modules
+(:mod:`smoothguide.torch.fork`). Reference: the same call unforked (the plain
+batched call, checked against hand-written attention in
+test_diffusers_transformers.py), on tiny random models with video latents
+(3 frames x 2 x 5 tokens). float64 within a few ulps per operation, float32
+within ``512 eps max|ref|``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from contextlib import ExitStack
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from smoothguide.branches import Branch  # noqa: E402
+from smoothguide.diffusers import patcher_for  # noqa: E402
+from smoothguide.diffusers.family import family_for  # noqa: E402
+from smoothguide.diffusers.pipeline import _map_rows  # noqa: E402
+from smoothguide.perturbations import IdentityAttention, QuerySmoothing  # noqa: E402
+from smoothguide.sampling.forking import plan_fork  # noqa: E402
+from smoothguide.torch.fork import ForkPolicy  # noqa: E402
+from test_diffusers_transformers import MAKERS, SIZES, inputs  # noqa: E402
+
+FAMILIES = ["wan", "ltx", "cogvideox"]
+STACK = {"wan": "blocks", "ltx": "transformer_blocks", "cogvideox": "transformer_blocks"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Any:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def close(a: torch.Tensor, b: torch.Tensor, ops: int = 64) -> None:
+    """|a - b| <= ops * eps * max|b| (elementwise), with eps of the dtype."""
+    eps = torch.finfo(b.dtype).eps
+    tol = ops * eps * float(b.abs().max())
+    err = float((a - b).abs().max())
+    assert a.shape == b.shape
+    assert err <= tol, f"max |forked - unforked| = {err:.3g} > {tol:.3g}"
+
+
+def first_rows(seen: list[int]) -> Any:
+    def hook(module: Any, args: Any, kwargs: Any) -> None:
+        seen.append((args[0] if args else next(iter(kwargs.values()))).shape[0])
+
+    return hook
+
+
+def run(
+    family: str,
+    plains: list[str],
+    perturbed: list[tuple[str, Any]],
+    batch: int,
+    dtype: torch.dtype = torch.float64,
+    policy: ForkPolicy | None = None,
+) -> tuple[list[torch.Tensor], dict[str, list[int]], Any]:
+    """Unforked and forked outputs of ``plains`` + ``perturbed`` branches, and rows seen forked."""
+    model = MAKERS[family]().to(dtype)
+    family_obj = family_for(model)
+    if policy is None:
+        patcher = patcher_for(model)
+        assert patcher.fork_proven
+    else:
+        patcher = dataclasses.replace(family_obj, fork=policy).patcher(model)
+    base = inputs(family, model, len(plains) * batch, SIZES[family])
+    base = {
+        k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+        for k, v in base.items()
+    }
+    branches = [Branch(p) for p in plains] + [Branch(c, p) for c, p in perturbed]
+    plan = plan_fork(branches, patcher, None if policy is None else True, batch)
+    assert plan is not None
+    source = {p: i * batch for i, p in enumerate(plains)}
+    rows = [source[b.conditioning] + i for b in plan.order for i in range(batch)]
+    full = _map_rows(base, len(plains) * batch, torch.tensor(rows))
+    stack = STACK[family]
+    watched = [f"{stack}.0", *[n for n, _ in plan.spec.stages], "proj_out"]
+    seen: dict[str, list[int]] = {n: [] for n in watched}
+    outs = []
+    for fork in (False, True):
+        with torch.no_grad(), ExitStack() as st:
+            if fork:
+                mods = dict(model.named_modules())
+                for n in dict.fromkeys(watched):
+                    h = mods[n].register_forward_pre_hook(first_rows(seen[n]), with_kwargs=True)
+                    st.callback(h.remove)
+                st.enter_context(patcher.forking(plan.spec))
+            for j, b in enumerate(plan.order):
+                if b.perturbation is not None:
+                    span = range(j * batch, (j + 1) * batch)
+                    st.enter_context(patcher.perturb(b.perturbation, span))
+            outs.append(model(**full, return_dict=False)[0])
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+    # the fork happened: the blocks before it ran the plain rows, the output layer every row
+    assert seen[f"{stack}.0"][0] == plan.spec.pre < plan.spec.rows
+    for (name, _), size in zip(plan.spec.stages, plan.spec.sizes, strict=False):
+        assert seen[name][0] == size
+    assert seen["proj_out"] == [plan.spec.rows]
+    # the perturbed rows really differ from their plain rows (the fork did not lose them):
+    # by far more than float64 rounding (the tiny models react weakly to some perturbations)
+    j = len(plains)
+    src = source[plan.order[j].conditioning]
+    if dtype == torch.float64:
+        eps = torch.finfo(dtype).eps
+        changed = float((outs[0][j * batch] - outs[0][src]).abs().max())
+        assert changed > 1e6 * eps * float(outs[0].abs().max())
+    return outs, seen, plan
+
+
+def seg(family: str, block: int, sigma: Any = 2.0) -> QuerySmoothing:
+    return QuerySmoothing(sigma, layers=f"{STACK[family]}.{block}.attn1")
+
+
+def pag(family: str, block: int) -> IdentityAttention:
+    return IdentityAttention(layers=f"{STACK[family]}.{block}.attn1")
+
+
+CASES = {
+    # [uncond, cond] x 2 clips, SEG copying cond (official convention)
+    "cfg+seg": (["uncond", "cond"], lambda f: [("cond", seg(f, 1))], 2),
+    # SEG copying uncond (the paper's Eq. 10), a temporal blur as well
+    "paper-eq10": (["uncond", "cond"], lambda f: [("uncond", seg(f, 1, (1.0, 2.0, 2.0)))], 2),
+    # one clip, no CFG: the pre-fork batch is 1
+    "seg-only": (["cond"], lambda f: [("cond", seg(f, 1, math.inf))], 1),
+    "pag-only": (["cond"], lambda f: [("cond", pag(f, 1))], 1),
+    "cfg+pag": (["uncond", "cond"], lambda f: [("cond", pag(f, 1))], 2),
+    # two fork points: SEG at the first block, PAG at the second
+    "seg+pag": (["uncond", "cond"], lambda f: [("cond", seg(f, 0)), ("cond", pag(f, 1))], 2),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forked_equals_unforked(family: str, case: str) -> None:
+    plains, perturbed, batch = CASES[case]
+    outs, _, plan = run(family, plains, perturbed(family), batch)
+    close(outs[1], outs[0])
+    if case == "seg+pag":
+        assert len(plan.spec.stages) == 2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_float32_within_tolerance(family: str) -> None:
+    outs, _, _ = run(
+        family, ["uncond", "cond"], [("cond", seg(family, 0)), ("cond", pag(family, 1))], 2,
+        torch.float32,
+    )  # fmt: skip
+    close(outs[1], outs[0], ops=512)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_without_keep_the_final_reshape_breaks(family: str) -> None:
+    """What ``keep`` / ``early`` fix: a plain policy is refused by the shapes, or wrong."""
+
+    def forked_as_unforked() -> None:
+        outs, _, _ = run(family, ["uncond", "cond"], [("cond", seg(family, 1))], 2, policy=plain)
+        close(outs[1], outs[0])
+
+    plain = ForkPolicy()
+    with pytest.raises((RuntimeError, AssertionError)):  # shapes differ: 6 rows meet 4
+        forked_as_unforked()
