@@ -319,3 +319,17 @@ def test_pixart_pipeline_forked_equals_unforked(pixart_pipe: Any, name: str, rul
     assert seen[False]["pos_embed"] == seen[False]["proj_out"]
     close(out[None], out[False], ops=512)
     assert all(not m._forward_pre_hooks for m in pixart_pipe.transformer.modules())
+
+
+def test_policy_names_are_checked() -> None:
+    with pytest.raises(TypeError, match="sequences of names, not a string"):
+        ForkPolicy(early="adaln_single")
+    with pytest.raises(TypeError, match="sequences of names, not a string"):
+        ForkPolicy(keep="hidden_states")
+    model = make("dit")
+    patcher = dataclasses.replace(DIT, fork=ForkPolicy(proven=True, early=("nope",))).patcher(model)
+    spec = ForkSpec(2, 1, (("transformer_blocks.1", (0,)),))
+    with pytest.raises(ValueError, match=r"early modules \['nope'\]"), patcher.forking(spec):
+        pass  # pragma: no cover - never entered
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+    assert "early=('nope',)" in repr(patcher.forker.policy)

@@ -173,3 +173,63 @@ def test_without_keep_the_final_reshape_breaks(family: str) -> None:
     plain = ForkPolicy()
     with pytest.raises((RuntimeError, AssertionError)):  # shapes differ: 6 rows meet 4
         forked_as_unforked()
+
+
+def make_wan(**kw: Any) -> Any:
+    torch.manual_seed(0)
+    model = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+        out_channels=4, text_dim=16, freq_dim=16, ffn_dim=16, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32, **kw,
+    )  # fmt: skip
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    return model.double().eval()
+
+
+def forked_pair(model: Any, kw: dict[str, Any], batch: int, plains: list[str]) -> list[Any]:
+    """Unforked and forked outputs of ``plains`` + SEG(cond) at ``blocks.1``."""
+    patcher = patcher_for(model)
+    branches = [Branch(p) for p in plains] + [Branch("cond", seg("wan", 1))]
+    plan = plan_fork(branches, patcher, None, batch)
+    assert plan is not None
+    source = {p: i * batch for i, p in enumerate(plains)}
+    rows = [source[b.conditioning] + i for b in plan.order for i in range(batch)]
+    full = _map_rows(kw, len(plains) * batch, torch.tensor(rows))
+    outs = []
+    for fork in (False, True):
+        with torch.no_grad(), ExitStack() as st:
+            if fork:
+                st.enter_context(patcher.forking(plan.spec))
+            j = len(plains)
+            st.enter_context(
+                patcher.perturb(plan.order[j].perturbation, range(j * batch, (j + 1) * batch))
+            )
+            outs.append(model(**full, return_dict=False)[0])
+    return outs
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_wan_per_token_timesteps(batch: int) -> None:
+    """Wan 2.2 TI2V's per-token timesteps ``(B, tokens)``: condition_embedder's 3-D outputs."""
+    model = make_wan()
+    plains = ["uncond", "cond"] if batch == 2 else ["cond"]
+    n = len(plains) * batch
+    kw = inputs("wan", model, n, SIZES["wan"])
+    kw = {k: v.double() if v.is_floating_point() else v for k, v in kw.items()}
+    f, h, w = SIZES["wan"]
+    kw["timestep"] = (torch.arange(n * f * h * w, dtype=torch.float64).reshape(n, -1) * 7) % 900
+    outs = forked_pair(model, kw, batch, plains)
+    close(outs[1], outs[0])
+
+
+def test_wan_image_embeddings_refused() -> None:
+    """Wan I2V concatenates image and text embeddings outside a module call: refused."""
+    model = make_wan(image_dim=12)
+    kw = inputs("wan", model, 2, SIZES["wan"])
+    kw = {k: v.double() if v.is_floating_point() else v for k, v in kw.items()}
+    kw["encoder_hidden_states_image"] = torch.randn(2, 3, 12, dtype=torch.float64)
+    with pytest.raises(ValueError, match="encoder_hidden_states_image"):
+        forked_pair(model, kw, 1, ["uncond", "cond"])
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())

@@ -268,7 +268,14 @@ _FORK = {
         keep=("hidden_states", "timestep", "encoder_hidden_states"),
         early=("time_embed", "caption_projection"),
     ),
-    "wan": ForkPolicy(proven=True, keep=("hidden_states",), early=("condition_embedder",)),
+    # Wan I2V concatenates the image embeddings with the text ones before the blocks,
+    # outside a module call, at the rows of the early condition_embedder: refused
+    "wan": ForkPolicy(
+        proven=True,
+        keep=("hidden_states",),
+        early=("condition_embedder",),
+        refuse=("encoder_hidden_states_image",),
+    ),
     # CogVideoX hands its time embedding to norm_out as a module argument: nothing early
     "cogvideox": ForkPolicy(proven=True, keep=("hidden_states",)),
 }

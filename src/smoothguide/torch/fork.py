@@ -87,8 +87,9 @@ class ForkPolicy:
         it is on by default).
     refuse
         Keyword arguments of the model call that its ``forward`` combines with
-        block outputs outside a module call (ControlNet residuals of SD3 and
-        Flux): a call that passes one (not ``None``) raises ``ValueError``.
+        block inputs or outputs outside a module call (ControlNet residuals of
+        SD3 and Flux, Wan's image embeddings): a call that passes one (not
+        ``None``) raises ``ValueError``.
     early
         Names of submodules that the model's ``forward`` calls itself before the
         fork points and whose outputs it also uses after them outside a module
@@ -159,8 +160,9 @@ class ForkPolicy:
         given = [k for k in self.refuse if kwargs.get(k) is not None]
         if given:
             raise ValueError(
-                f"fork mode cannot fork {type(model).__name__} called with {given} (added to the "
-                "block outputs outside a module call); pass fork=False"
+                f"fork mode cannot fork {type(model).__name__} called with {given} (its forward "
+                "combines them with block inputs or outputs outside a module call); pass "
+                "fork=False"
             )
         return {}
 
