@@ -233,3 +233,74 @@ def test_wan_image_embeddings_refused() -> None:
     with pytest.raises(ValueError, match="encoder_hidden_states_image"):
         forked_pair(model, kw, 1, ["uncond", "cond"])
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+
+
+# -------------------------------------------------------------------------- pipelines
+
+pytest.importorskip("transformers")
+
+from smoothguide.diffusers import GuidedPipeline  # noqa: E402
+from smoothguide.rules import CFG, PAG, SEG, Compose  # noqa: E402
+from test_diffusers_transformers_pipelines import STEPS, _gen, ltx_kwargs  # noqa: E402
+from test_diffusers_transformers_pipelines import cogvideox_pipe as cogvideox_pipe  # noqa: E402
+from test_diffusers_transformers_pipelines import ltx_pipe as ltx_pipe  # noqa: E402
+from test_diffusers_transformers_pipelines import wan_pipe as wan_pipe  # noqa: E402
+
+
+def _video_kwargs(name: str) -> dict[str, Any]:
+    if name == "ltx":
+        return ltx_kwargs() | dict(height=32, width=64, num_frames=9)
+    pe = torch.randn(1, 6, 16, generator=torch.Generator().manual_seed(1))
+    return dict(
+        prompt_embeds=pe, negative_prompt_embeds=0 * pe, height=16, width=32,
+        num_frames=5 if name == "wan" else 9, num_inference_steps=STEPS,
+    )  # fmt: skip
+
+
+PIPE_RULES = {
+    "cfg+seg": Compose(CFG(4.0), SEG(3.0, sigma=(1.0, 2.0, 2.0))),
+    "seg+pag": Compose(
+        CFG(4.0), SEG(2.0, sigma=math.inf, layers="block.0"), PAG(2.0, layers="block.1")
+    ),
+}
+
+
+@pytest.mark.parametrize("rule", list(PIPE_RULES))
+@pytest.mark.parametrize("name", ["wan", "ltx", "cogvideox"])
+def test_video_pipeline_forked_equals_unforked(
+    request: pytest.FixtureRequest, name: str, rule: str
+) -> None:
+    """Wan (one call per conditioning), LTX-Video and CogVideoX pipelines, latents.
+
+    Two clips per prompt, except LTX: its pipeline does not repeat given prompt
+    embeddings per clip (its ``forward`` then views them across rows), which
+    fork mode refuses rather than guess rows.
+    """
+    pipe = request.getfixturevalue(f"{name}_pipe")
+    with torch.no_grad():  # diffusers zero-initialises some layers: make every path count
+        g = torch.Generator().manual_seed(7)
+        for p in pipe.transformer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    clips = 1 if name == "ltx" else 2
+    kw = _video_kwargs(name) | {"output_type": "latent", "num_videos_per_prompt": clips}
+    out, seen = {}, {}
+    for fork in (False, None):
+        rows: list[int] = []
+        last: list[int] = []
+        h1 = pipe.transformer.get_submodule(
+            "blocks.0" if name == "wan" else "transformer_blocks.0"
+        ).register_forward_pre_hook(first_rows(rows), with_kwargs=True)
+        h2 = pipe.transformer.proj_out.register_forward_pre_hook(first_rows(last), with_kwargs=True)
+        try:
+            out[fork] = GuidedPipeline(pipe, PIPE_RULES[rule], fork=fork)(**kw, generator=_gen())
+        finally:
+            h1.remove()
+            h2.remove()
+        seen[fork] = (rows, last)
+    a, b = out[None].frames, out[False].frames
+    # forked calls ran fewer rows before the fork (Wan's unconditional call has no fork)
+    assert all(r <= t for r, t in zip(*seen[None], strict=True))
+    assert sum(r < t for r, t in zip(*seen[None], strict=True)) == STEPS
+    assert seen[False][0] == seen[False][1]
+    close(a, b, ops=1024)
+    assert all(not m._forward_pre_hooks for m in pipe.transformer.modules())
