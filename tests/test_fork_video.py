@@ -224,6 +224,28 @@ def test_wan_per_token_timesteps(batch: int) -> None:
     close(outs[1], outs[0])
 
 
+def test_wan_positional_call() -> None:
+    """A kept argument passed positionally (``model(x, t, text)``) is kept too."""
+    model = make_wan()
+    kw = inputs("wan", model, 2, SIZES["wan"])
+    kw = {k: v.double() if v.is_floating_point() else v for k, v in kw.items()}
+    patcher = patcher_for(model)
+    plan = plan_fork(
+        [Branch("uncond"), Branch("cond"), Branch("cond", seg("wan", 1))], patcher, None, 1
+    )
+    assert plan is not None
+    full = _map_rows(kw, 2, torch.tensor([0, 1, 1]))
+    args = (full["hidden_states"], full["timestep"], full["encoder_hidden_states"])
+    outs = []
+    for fork in (False, True):
+        with torch.no_grad(), ExitStack() as st:
+            if fork:
+                st.enter_context(patcher.forking(plan.spec))
+            st.enter_context(patcher.perturb(plan.order[2].perturbation, range(2, 3)))
+            outs.append(model(*args, return_dict=False)[0])
+    close(outs[1], outs[0])
+
+
 def test_wan_image_embeddings_refused() -> None:
     """Wan I2V concatenates image and text embeddings outside a module call: refused."""
     model = make_wan(image_dim=12)
