@@ -212,7 +212,7 @@ def test_generic_model_forked_equals_unforked(name: str, rule: Any, points: list
 
 @pytest.mark.parametrize(("name", "rule", "points"), TOY_CASES, ids=[c[0] for c in TOY_CASES])
 def test_early_copy_at_the_previous_block_output(name: str, rule: Any, points: list[str]) -> None:
-    """``ForkPolicy(early=True)``: rows copied at the previous block's output, which is freed.
+    """``ForkPolicy(copy_at_previous=True)``: rows copied at the previous block's output.
 
     Same outputs as unforked; a fork point with a previous block sees its rows
     already copied, and the previous block's pre-fork output tensor is gone
@@ -221,7 +221,9 @@ def test_early_copy_at_the_previous_block_output(name: str, rule: Any, points: l
     import weakref
 
     net = make_net()
-    patcher = AttentionPatcher(net, layers=Attn, fork=ForkPolicy(proven=True, early=True))
+    patcher = AttentionPatcher(
+        net, layers=Attn, fork=ForkPolicy(proven=True, copy_at_previous=True)
+    )
     x, cond, uncond = inputs()
     refs: dict[str, Any] = {}
     alive: dict[str, bool] = {}
@@ -959,15 +961,26 @@ def test_transformer_forked_equals_unforked(family: str, perturbations: dict[str
     assert float((outs[0][2 * batch : 3 * batch] - plain_rows).abs().max()) > 1e-3
 
 
-@pytest.mark.parametrize("family", ["pixart", "dit", "wan"])
-def test_unforkable_families_refuse_fork_true_and_stay_unforked_by_default(family: str) -> None:
-    model = MAKERS[family]()
-    patcher = patcher_for(model)
+def test_unforkable_policy_refuses_fork_true_and_stays_unforked_by_default() -> None:
+    from smoothguide.torch.fork import Unforkable
+
+    patcher = AttentionPatcher(make_net(), layers=Attn, fork=Unforkable("a test reason"))
     assert not patcher.fork_proven
-    order = [Branch("cond"), Branch("cond", QuerySmoothing(1.0))]
+    order = [Branch("cond"), Branch("cond", QuerySmoothing(1.0, layers=L1))]
     assert plan_fork(order, patcher, None, 1) is None
-    with pytest.raises(ValueError, match="fork mode is not available"):
+    with pytest.raises(ValueError, match="fork mode is not available for Net: a test reason"):
         plan_fork(order, patcher, True, 1)
+
+
+@pytest.mark.parametrize("family", ["pixart", "dit", "wan", "ltx", "cogvideox"])
+def test_dit_and_video_families_fork_by_default(family: str) -> None:
+    """Proven in tests/test_fork_dit.py and tests/test_fork_video.py."""
+    patcher = patcher_for(MAKERS[family]())
+    assert patcher.fork_proven
+    order = [Branch("cond"), Branch("cond", QuerySmoothing(1.0))]
+    plan = plan_fork(order, patcher, None, 1)
+    assert plan is not None
+    assert plan.spec.sizes == (1, 2)
 
 
 def test_sd3_controlnet_residuals_refused() -> None:

@@ -22,12 +22,12 @@ from typing import Any
 
 from ..torch import Geometry, GeometryFn, ImageTokens, LayerSpec
 from ..torch._deps import torch
-from ..torch.fork import Unforkable
+from ..torch.fork import ForkPolicy
 from ._blocks import bind_call, latent_tensor, thirds
 from ._deps import diffusers
 from .family import ModelFamily, register_family
 
-__all__ = ["DIT", "dit_geometry", "dit_layers", "dit_presets"]
+__all__ = ["DIT", "DiTForkPolicy", "dit_geometry", "dit_layers", "dit_presets"]
 
 
 def _is_dit(model: torch.nn.Module) -> bool:
@@ -126,10 +126,43 @@ def dit_geometry(model: torch.nn.Module) -> GeometryFn:
     return geometry
 
 
-_NO_FORK = (
-    "PixArt / DiT modulate the last block's output with the time embedding "
-    "(scale_shift_table + timestep) in the model's forward, outside a module call"
-)
+class DiTForkPolicy(ForkPolicy):
+    """Fork mode of PixArt / DiT: fork at ``transformer_blocks.<i>`` of the first perturbed layer.
+
+    After the blocks both models modulate the last block's output with the
+    time embedding in their own ``forward``: ``shift, scale = scale_shift_table
+    + embedded_timestep`` (PixArt), ``proj_out_1(silu(emb(t, y)))`` (DiT), then
+    ``norm_out(h) * (1 + scale) + shift``.
+
+    * PixArt computes ``embedded_timestep`` once, in ``adaln_single``, before
+      the blocks: ``adaln_single`` is an *early* module (its outputs are
+      expanded to the forked rows, the blocks before the fork get their
+      prefix; see :mod:`smoothguide.torch.fork`).
+    * DiT recomputes the embedding after the blocks through module calls
+      (``transformer_blocks[0].norm1.emb`` on the pre-fork ``timestep`` and
+      ``class_labels``, then ``proj_out_1``, whose input the fork hooks
+      expand), so it needs no early module.
+
+    Proven exact (tests/test_fork_dit.py), so on by default.
+
+    Examples
+    --------
+    >>> model = diffusers.DiTTransformer2DModel(
+    ...     num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+    ...     num_layers=3, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+    >>> policy = DiTForkPolicy()
+    >>> policy.point(model, "transformer_blocks.1.attn1"), policy.early_of(model)
+    ('transformer_blocks.1', ())
+    """
+
+    def __init__(self) -> None:
+        super().__init__(proven=True)
+
+    def early_of(self, model: torch.nn.Module) -> tuple[str, ...]:
+        if isinstance(model, diffusers.PixArtTransformer2DModel):
+            return ("adaln_single",)
+        return ()
+
 
 #: The family of ``PixArtTransformer2DModel`` and ``DiTTransformer2DModel``; default ``"mid"``.
 DIT = register_family(
@@ -140,6 +173,6 @@ DIT = register_family(
         presets=dit_presets,
         default="mid",
         geometry=dit_geometry,
-        fork=Unforkable(_NO_FORK),
+        fork=DiTForkPolicy(),
     )
 )

@@ -235,7 +235,7 @@ FLUX = register_family(
         fork=ForkPolicy(
             proven=True,
             refuse=("controlnet_block_samples", "controlnet_single_block_samples"),
-            early=True,
+            copy_at_previous=True,
         ),
     )
 )

@@ -161,6 +161,8 @@ SD3 = register_family(
         geometry=sd3_geometry,
         # fork at the block of the first perturbed layer, copying the rows at the previous
         # block's output (the block loop hands them on unchanged); exact (tests/test_fork.py)
-        fork=ForkPolicy(proven=True, refuse=("block_controlnet_hidden_states",), early=True),
+        fork=ForkPolicy(
+            proven=True, refuse=("block_controlnet_hidden_states",), copy_at_previous=True
+        ),
     )
 )

@@ -39,7 +39,7 @@ from typing import Any
 
 from ..torch import Geometry, GeometryFn, JointTokens, LayerSpec
 from ..torch._deps import torch
-from ..torch.fork import Unforkable
+from ..torch.fork import ForkPolicy
 from ._blocks import VideoTokens, bind_call, latent_tensor, thirds
 from ._deps import diffusers
 from .family import ModelFamily, register_family
@@ -252,6 +252,35 @@ def cogvideox_geometry(model: torch.nn.Module) -> GeometryFn:
     return geometry
 
 
+#: Fork mode of the video transformers (fork point ``<blocks>.<i>``; exact,
+#: tests/test_fork_video.py). Their ``forward`` takes ``batch_size`` from the
+#: input and applies it after the blocks, outside a module call: Wan and
+#: CogVideoX in the final ``reshape(batch_size, ...)``, LTX in
+#: ``temb.view(batch_size, -1, ...)`` (of the time embedding and the
+#: projected text, whose ``embedded_timestep`` modulates the last block's
+#: output). So ``hidden_states`` reaches ``forward`` with every row (``keep``),
+#: and the time/text embedders that feed values used after the blocks are
+#: early modules (LTX also gets ``timestep`` and ``encoder_hidden_states``
+#: whole, since it views their embeddings with the full batch before the blocks).
+_FORK = {
+    "ltx-video": ForkPolicy(
+        proven=True,
+        keep=("hidden_states", "timestep", "encoder_hidden_states"),
+        early=("time_embed", "caption_projection"),
+    ),
+    # Wan I2V concatenates the image embeddings with the text ones before the blocks,
+    # outside a module call, at the rows of the early condition_embedder: refused
+    "wan": ForkPolicy(
+        proven=True,
+        keep=("hidden_states",),
+        early=("condition_embedder",),
+        refuse=("encoder_hidden_states_image",),
+    ),
+    # CogVideoX hands its time embedding to norm_out as a module argument: nothing early
+    "cogvideox": ForkPolicy(proven=True, keep=("hidden_states",)),
+}
+
+
 def _video_family(
     name: str, cls: type, geometry: Callable[[torch.nn.Module], GeometryFn]
 ) -> ModelFamily:
@@ -264,10 +293,7 @@ def _video_family(
             presets=video_presets,
             default="mid",
             geometry=geometry,
-            fork=Unforkable(
-                "the model's forward modulates the last block's output with the time "
-                "embedding outside a module call"
-            ),
+            fork=_FORK[name],
         )
     )
 

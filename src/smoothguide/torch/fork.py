@@ -11,7 +11,7 @@ How a forked call runs (the row layout comes from
 2. A forward pre-hook on each fork point (for example a UNet's ``mid_block``)
    appends copies of the source rows to every batch-sized tensor argument
    (hidden states, time embedding, encoder states, added conditions, also
-   inside tuples, lists and dicts). With ``ForkPolicy(early=True)`` a forward
+   inside tuples, lists and dicts). With ``ForkPolicy(copy_at_previous=True)`` a forward
    hook on the previous block of the same ``ModuleList`` copies the rows of
    its output instead, so the pre-fork hidden states are freed before the
    fork point runs (lower peak memory).
@@ -30,10 +30,32 @@ point's ancestors only hand their pre-fork values to module calls after it
 :class:`ForkPolicy`); model-specific inputs consumed after the fork point
 outside a module call (a UNet's ControlNet mid-block residual) are given at
 the batch of the stage in effect there by :meth:`ForkPolicy.stages_of`.
+
+4. Values the model computes *before* the first fork point and combines with a
+   block output itself, outside a module call (PixArt's ``embedded_timestep``
+   in ``scale_shift_table + embedded_timestep``), come from the policy's
+   ``early`` modules (PixArt: ``adaln_single``). A forward hook on each early
+   module returns its outputs already row-indexed to the *final* stage's rows
+   (the pre-fork rows are a prefix of every later stage, copies appended), and
+   remembers those tensors by identity: a module call made at an earlier stage
+   that receives one of them gets its prefix of the rows in effect there (the
+   blocks before the fork see their usual rows). Only those very tensors are
+   cut, never a tensor that merely has a later stage's batch, so no row is
+   guessed; an early module whose outputs hold no tensor of the batch in
+   effect raises ``RuntimeError``. Views of those tensors with the final
+   stage's batch as their leading axis (``temb.unflatten(1, (6, -1))``) are
+   cut the same way.
+5. Call arguments the policy *keeps* (``keep``: Wan's and CogVideoX's
+   ``hidden_states``, whose shape gives the ``batch_size`` of the final
+   reshape) reach the model's ``forward`` with every row, i.e. already at
+   the final stage's rows (a forked row's input is its source row's input),
+   and are treated like an early module's outputs: module calls before the
+   last fork get their prefix, early modules get them whole.
 """
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -68,9 +90,24 @@ class ForkPolicy:
         it is on by default).
     refuse
         Keyword arguments of the model call that its ``forward`` combines with
-        block outputs outside a module call (ControlNet residuals of SD3 and
-        Flux): a call that passes one (not ``None``) raises ``ValueError``.
+        block inputs or outputs outside a module call (ControlNet residuals of
+        SD3 and Flux, Wan's image embeddings): a call that passes one (not
+        ``None``) raises ``ValueError``.
     early
+        Names of submodules that the model's ``forward`` calls itself before the
+        fork points and whose outputs it also uses after them outside a module
+        call (PixArt's ``adaln_single``): their batch-sized outputs are expanded
+        to the final stage's rows (cut back to the rows in effect for module
+        calls before the last fork). They must be called by the model itself,
+        before the first fork point, and not inside a block.
+    keep
+        Names of arguments of the model's ``forward`` that it receives with every
+        row (not cut to the pre-fork rows): for a ``forward`` that takes a batch
+        size from them and applies it to the forked rows (Wan's and CogVideoX's
+        final ``reshape(batch_size, ...)``). Module calls before the last fork
+        get the rows in effect of them; only sound where ``forward`` uses them
+        outside module calls for their shape alone.
+    copy_at_previous
         Copy the rows at the output of the fork point's previous sibling in its
         container (``blocks.2`` for ``blocks.3``) instead of at the fork point's
         input, so the model's ``forward`` does not hold the pre-fork hidden
@@ -87,15 +124,28 @@ class ForkPolicy:
     """
 
     def __init__(
-        self, *, proven: bool = False, refuse: Sequence[str] = (), early: bool = False
+        self,
+        *,
+        proven: bool = False,
+        refuse: Sequence[str] = (),
+        early: Sequence[str] = (),
+        keep: Sequence[str] = (),
+        copy_at_previous: bool = False,
     ) -> None:
+        if any(isinstance(v, str) for v in (refuse, early, keep)):
+            raise TypeError("refuse, early and keep must be sequences of names, not a string")
         self.proven = bool(proven)
         self.refuse = tuple(refuse)
-        self.early = bool(early)
+        self.early = tuple(early)
+        self.keep = tuple(keep)
+        self.copy_at_previous = bool(copy_at_previous)
 
     def __repr__(self) -> str:
+        early = f", early={self.early}" if self.early else ""
+        keep = f", keep={self.keep}" if self.keep else ""
+        copy = ", copy_at_previous=True" if self.copy_at_previous else ""
         return (
-            f"{type(self).__name__}(proven={self.proven}, refuse={self.refuse}, early={self.early})"
+            f"{type(self).__name__}(proven={self.proven}, refuse={self.refuse}{early}{keep}{copy})"
         )
 
     def point(self, model: torch.nn.Module, layer: str) -> str:
@@ -126,18 +176,23 @@ class ForkPolicy:
         given = [k for k in self.refuse if kwargs.get(k) is not None]
         if given:
             raise ValueError(
-                f"fork mode cannot fork {type(model).__name__} called with {given} (added to the "
-                "block outputs outside a module call); pass fork=False"
+                f"fork mode cannot fork {type(model).__name__} called with {given} (its forward "
+                "combines them with block inputs or outputs outside a module call); pass "
+                "fork=False"
             )
         return {}
+
+    def early_of(self, model: torch.nn.Module) -> tuple[str, ...]:
+        """The early modules of ``model`` (default: ``early``); see the class parameters."""
+        return self.early
 
 
 class Unforkable(ForkPolicy):
     """A family whose ``forward`` mixes pre-fork values into block outputs: fork mode refused.
 
-    PixArt / DiT and the video transformers modulate the last block's output
-    with the time embedding in the model's own ``forward`` (``scale_shift_table
-    + temb``), outside any module call, so rows cannot be added at a block.
+    A model whose ``forward`` combines values from before the fork with a
+    block output outside any module call, in a way no ``early`` module or
+    ``stages_of`` argument captures, cannot add rows at a block.
     ``fork=None`` leaves them unforked; ``fork=True`` raises ``ValueError``
     with ``reason``.
 
@@ -174,6 +229,18 @@ class _CallState:
     stage: int = 0  # forks done so far
     started: bool = False
     index: dict[tuple[int, int, Any], torch.Tensor] = field(default_factory=dict)
+    # early-module outputs and kept arguments at the final stage's rows, by id of their
+    # storage's base tensor (the dict keeps them alive, so the ids stay unique)
+    grown: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def grow(self, t: torch.Tensor) -> None:
+        base = t if t._base is None else t._base
+        self.grown[id(base)] = base
+
+    def is_grown(self, t: torch.Tensor) -> bool:
+        """``t`` is (a view of) a tensor at the final rows, with the batch leading."""
+        base = t if t._base is None else t._base
+        return self.grown.get(id(base)) is base and t.ndim >= 1 and t.shape[0] == self.sizes[-1]
 
     @property
     def batch(self) -> int:
@@ -192,6 +259,9 @@ class _CallState:
         """Row-index every tensor of an earlier stage's batch to stage ``dst`` (default: now)."""
         dst = self.stage if dst is None else dst
         if isinstance(value, torch.Tensor):
+            if self.grown and self.is_grown(value):
+                # an early module's output, at the final stage's rows: the prefix in effect
+                return value if dst == len(self.sizes) - 1 else value[: self.sizes[dst]]
             if value.ndim >= 1:
                 n = value.shape[0]
                 for src in range(dst):
@@ -282,14 +352,21 @@ class Forker:
             raise ValueError(f"fork points {missing} are not submodules of the model")
         call = _CallState(spec, spec.sizes, spec.sources)
         handles = []
+        early = list(self.policy.early_of(self.model))
+        absent = [e for e in early if e not in modules or e == ""]
+        if absent:
+            raise ValueError(f"early modules {absent} of the fork policy are not submodules")
         for name in self._hooked(modules, points):
-            hook = self._point_hook(call, points.index(name) if name in points else None, name)
+            stage = points.index(name) if name in points else None
+            hook = self._point_hook(call, stage, name, name in early)
             handles.append(pre_hook_with_kwargs(modules[name], hook))
-        if self.policy.early:
+        for name in early:
+            handles.append(modules[name].register_forward_hook(self._early_hook(call, name)))
+        if self.policy.copy_at_previous:
             for stage, point in enumerate(points):
                 prev = _previous_sibling(modules, point)
                 if prev is not None:
-                    hook = self._early_hook(call, stage)
+                    hook = self._copy_hook(call, stage)
                     handles.append(modules[prev].register_forward_hook(hook))
         local.call = call
         failed = False
@@ -354,11 +431,21 @@ class Forker:
                 return type(value)(cut(v, rows) for v in value)
             return value
 
-        new_args = tuple(cut(a, spec.pre) for a in args)
-        new_kwargs = {k: cut(v, call.sizes[late.get(k, 0)]) for k, v in kwargs.items()}
-        return new_args, new_kwargs
+        keep = set(self.policy.keep)
+        names = self._arg_names(len(args)) if keep else []
+        new_args = []
+        for i, a in enumerate(args):
+            if i < len(names) and names[i] in keep:
+                new_args.append(self._kept(call, a))
+            else:
+                new_args.append(cut(a, spec.pre))
+        new_kwargs = {
+            k: self._kept(call, v) if k in keep else cut(v, call.sizes[late.get(k, 0)])
+            for k, v in kwargs.items()
+        }
+        return tuple(new_args), new_kwargs
 
-    def _early_hook(self, call: _CallState, stage: int) -> Callable[..., Any]:
+    def _copy_hook(self, call: _CallState, stage: int) -> Callable[..., Any]:
         """Forward hook of the block before fork point ``stage``: copy the rows of its output."""
 
         def hook(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> Any:
@@ -372,7 +459,26 @@ class Forker:
 
         return hook
 
-    def _point_hook(self, call: _CallState, stage: int | None, name: str) -> Callable[..., Any]:
+    def _arg_names(self, n: int) -> list[str]:
+        """Names of the first ``n`` positional parameters of the model's ``forward``."""
+        params = [
+            p.name
+            for p in inspect.signature(self.model.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        return params[:n]
+
+    @staticmethod
+    def _kept(call: _CallState, value: Any) -> Any:
+        """A kept argument: whole (it has the final stage's rows), remembered to be cut."""
+        for t in _tensors(value):
+            if t.ndim >= 1 and t.shape[0] == call.sizes[-1]:
+                call.grow(t)
+        return value
+
+    def _point_hook(
+        self, call: _CallState, stage: int | None, name: str, early: bool = False
+    ) -> Callable[..., Any]:
         def hook(
             module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
         ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
@@ -397,9 +503,33 @@ class Forker:
                     f"fork mode: fork point {name!r} ran before {call.spec.stages[call.stage][0]!r}"
                     ", not in the planned order; use fork=False for this model"
                 )
-            if call.stage == 0:
-                return None
+            if call.stage == 0 and (early or not call.grown):
+                return None  # early modules see kept arguments whole
             return call.expand(args), call.expand(kwargs)
+
+        return hook
+
+    def _early_hook(self, call: _CallState, name: str) -> Callable[..., Any]:
+        def hook(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+            if self._local.call is not call or not call.started:
+                return None
+            final = len(call.sizes) - 1
+            before = {id(t) for t in _tensors(output)}
+            grown = call.expand(output, final)
+            new = [t for t in _tensors(grown) if id(t) not in before]
+            if not new and not any(
+                t.ndim >= 1 and t.shape[0] == call.sizes[final] for t in _tensors(output)
+            ):
+                shapes = [tuple(t.shape) for t in _tensors(output)]
+                raise RuntimeError(
+                    f"fork mode: the outputs of early module {name!r} have no tensor with the "
+                    f"{call.batch} rows in effect (shapes {shapes}), so they cannot be expanded "
+                    "to the forked rows; use fork=False"
+                )
+            for t in _tensors(grown):
+                if t.ndim >= 1 and t.shape[0] == call.sizes[final]:
+                    call.grow(t)
+            return grown
 
         return hook
 
