@@ -109,9 +109,11 @@ def tests_oldest(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff."""
+    """ruff: lint and formatting (also of the Python blocks in the Markdown pages)."""
     session.install(*nox.project.dependency_groups(PYPROJECT, "lint"))
-    session.run("ruff", "check", "src", "tests", "benchmarks", "docs", "noxfile.py")
+    paths = ("src", "tests", "benchmarks", "docs", "noxfile.py")
+    session.run("ruff", "check", *paths)
+    session.run("ruff", "format", "--check", *paths)
 
 
 @nox.session
