@@ -3,8 +3,10 @@
 Models at their real configurations with random weights (nothing is downloaded):
 the SD 1.5 and SDXL ``UNet2DConditionModel`` (SEG on the ``"mid"`` preset) and
 an SD3-medium ``SD3Transformer2DModel`` (24 joint blocks of width 1536; SEG on the
-joint attention of blocks 7–9), one image, a 32 × 32 latent, 77 text tokens
-(SD3: 77 + 256 = 333, as its CLIP + T5 sequence), float32, through
+joint attention of blocks 7–9) and, for FLOPs only, PixArt-Σ's
+``PixArtTransformer2DModel`` (28 blocks of width 1152; SEG on the ``"mid"`` preset,
+blocks 9–18), one image, a 32 × 32 latent, 77 text tokens (SD3: 77 + 256 = 333, as
+its CLIP + T5 sequence; PixArt-Σ: 300 T5 tokens), float32, through
 :class:`smoothguide.sampling.GuidedDenoiser` with the family's patcher.
 
 Two measurements per model and variant:
@@ -74,6 +76,8 @@ SD3_MEDIUM: dict[str, Any] = {
     "out_channels": 16,
     "pos_embed_max_size": 192,
 }
+#: PixArt-Σ (diffusers' defaults are its configuration; 4096-wide T5 captions).
+PIXART_SIGMA: dict[str, Any] = {"caption_channels": 4096, "use_additional_conditions": False}
 #: Tiny stand-ins for the smoke test (the numbers mean nothing).
 TINY_MODELS: dict[str, dict[str, Any]] = {
     "SD 1.5 UNet": {
@@ -97,11 +101,23 @@ TINY_MODELS: dict[str, dict[str, Any]] = {
         "pooled_projection_dim": 4,
         "out_channels": 4,
     },
+    "PixArt-Σ transformer": {
+        "num_attention_heads": 2,
+        "attention_head_dim": 4,
+        "in_channels": 4,
+        "out_channels": 8,
+        "num_layers": 6,
+        "cross_attention_dim": 8,
+        "caption_channels": 8,
+        "sample_size": 16,
+        "use_additional_conditions": False,
+    },
 }
 FORK_MODELS: dict[str, dict[str, Any]] = {
     "SD 1.5 UNet": SD15,
     "SDXL UNet": SDXL,
     "SD3-medium transformer": SD3_MEDIUM,
+    "PixArt-Σ transformer": PIXART_SIGMA,
 }
 SD3_SEG_LAYERS = tuple(f"transformer_blocks.{i}.attn" for i in (7, 8, 9))
 VARIANTS = {
@@ -114,24 +130,35 @@ VARIANTS = {
 }
 
 
-class _Wrapped(torch.nn.Module):  # type: ignore[misc]
-    """``model(x, sigma, **cond) -> prediction`` around a UNet or SD3 transformer."""
+def _kind(name: str) -> str:
+    return "sd3" if "SD3" in name else "pixart" if "PixArt" in name else "unet"
 
-    def __init__(self, net: torch.nn.Module, sd3: bool) -> None:
+
+class _Wrapped(torch.nn.Module):  # type: ignore[misc]
+    """``model(x, sigma, **cond) -> prediction`` around a UNet, SD3 or PixArt transformer."""
+
+    def __init__(self, net: torch.nn.Module, kind: str) -> None:
         super().__init__()
-        self.net, self.sd3 = net, sd3
+        self.net, self.kind = net, kind
 
     def forward(self, x: torch.Tensor, sigma: Any, **cond: Any) -> torch.Tensor:
         t = torch.full((x.shape[0],), 500.0, device=x.device)
-        if self.sd3:
+        if self.kind == "sd3":
             return self.net(hidden_states=x, timestep=t, **cond, return_dict=False)[0]
+        if self.kind == "pixart":  # as PixArtSigmaPipeline calls it (no size conditions)
+            extra = {"resolution": None, "aspect_ratio": None}
+            return self.net(x, timestep=t, added_cond_kwargs=extra, **cond, return_dict=False)[0]
         return self.net(x, t, **cond, return_dict=False)[0]
 
 
 def _build(name: str, config: dict[str, Any], device: str) -> torch.nn.Module:
     import diffusers
 
-    cls = diffusers.SD3Transformer2DModel if "SD3" in name else diffusers.UNet2DConditionModel
+    cls = {
+        "sd3": diffusers.SD3Transformer2DModel,
+        "pixart": diffusers.PixArtTransformer2DModel,
+        "unet": diffusers.UNet2DConditionModel,
+    }[_kind(name)]
     if device == "meta":
         with torch.device("meta"):
             return cls(**config).eval()
@@ -159,7 +186,11 @@ def _inputs(
     def rnd(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g).to(device)
 
-    if "SD3" in name:
+    if _kind(name) == "pixart":
+        x = rnd(1, cfg.in_channels, LATENT, LATENT)
+        tokens = 300 if cfg.caption_channels > 64 else 5
+        cond = {"encoder_hidden_states": rnd(1, tokens, cfg.caption_channels)}
+    elif _kind(name) == "sd3":
         x = rnd(1, cfg.in_channels, LATENT, LATENT)
         tokens = 333 if cfg.joint_attention_dim > 64 else 5
         cond = {
@@ -183,7 +214,7 @@ def _variants(
 ) -> dict[str, Callable[[], Any]]:
     from smoothguide.diffusers import patcher_for
 
-    model = _Wrapped(net, "SD3" in name)
+    model = _Wrapped(net, _kind(name))
     patcher = patcher_for(net)
     layers: Any = SD3_SEG_LAYERS if "SD3" in name else "mid"
     if "SD3" in name and len(net.transformer_blocks) < 24:
@@ -334,12 +365,13 @@ GOALS = {"SDXL UNet": 1.30, "SD 1.5 UNet": 1.33, "SD3-medium transformer": 1.37}
 def render_fork(res: ForkResults) -> str:
     """The fork-mode section of the benchmark report (Markdown)."""
     lines = [
-        "Fork mode (`GuidedDenoiser(..., fork=None)`, on by default for UNet2DConditionModel, "
-        "SD3 and Flux): the batched call runs only the plain branches' rows until the "
+        "Fork mode (`GuidedDenoiser(..., fork=None)`, on by default for every diffusers "
+        "family): the batched call runs only the plain branches' rows until the "
         "perturbed branch's first perturbed block, where the rows it copies are duplicated "
         "(docs/fork.md). Models at their real configurations, random weights, 1 image, "
         f"{LATENT} × {LATENT} latent, float32; SEG s = {SEG_SCALE:g}, σ = {SEG_SIGMA:g} on "
-        "the UNets' `mid` preset and on SD3-medium's joint attention of blocks 7–9; CFG "
+        "the UNets' and PixArt-Σ's `mid` preset (PixArt-Σ: blocks 9–18, 300 text tokens, "
+        "FLOPs only) and on SD3-medium's joint attention of blocks 7–9; CFG "
         f"w = {CFG_SCALE:g}.",
         "",
         "**FLOPs** (`torch.utils.flop_counter.FlopCounterMode`, weights on the meta device: "
@@ -355,7 +387,8 @@ def render_fork(res: ForkResults) -> str:
         status = "" if goal is None or cf is None else (" met" if cf <= goal else " not met")
         lines.append(
             f"| {m.name} | {m.params / 1e9:.2f} B | {m.flops.get('b', 0) / 1e9:.0f} | "
-            f"{_x(m.ratio('flops', 'c', 'b'))} | {_x(cf)} | ≤ {goal}{status} | "
+            f"{_x(m.ratio('flops', 'c', 'b'))} | {_x(cf)} | "
+            f"{'—' if goal is None else f'≤ {goal}{status}'} | "
             f"{_x(m.ratio('flops', 'e', 'a'))} | {_x(m.ratio('flops', 'ef', 'a'))} |"
         )
     timed = [m for m in res.models if m.timings]
