@@ -246,6 +246,14 @@ def _build(factory: Any, fields: Any, key: str, d: str) -> Any:
         raise WeightsError(f"{os.path.join(d, CONFIG_FILE)}: bad {key!r} entry: {exc}") from exc
 
 
+def _load_dit(d: str, cfg: Any, file: str, fields: Any, key: str, device: Any) -> DemoDenoiser:
+    """The DiT of ``file`` in ``d`` (its SHA-256 from ``cfg``, its config ``fields``), eval mode."""
+    path = os.path.join(d, file)
+    tensors = load_tensors(path, _expected_sha256(cfg, file, d))
+    model = _load_module(DemoDiT(_build(DiTConfig, fields, key, d)), tensors, path)
+    return DemoDenoiser(model).to(device).eval()
+
+
 def load_denoiser(weights_dir: str | None = None, *, device: Any = "cpu") -> DemoDenoiser:
     """Load the shipped (or a given directory's) DiT as a :class:`DemoDenoiser` in eval mode.
 
@@ -274,10 +282,7 @@ def load_denoiser(weights_dir: str | None = None, *, device: Any = "cpu") -> Dem
     """
     d = weights_dir or WEIGHTS_DIR
     cfg = load_config(d)
-    path = os.path.join(d, DIT_FILE)
-    tensors = load_tensors(path, _expected_sha256(cfg, DIT_FILE, d))
-    model = _load_module(DemoDiT(_build(DiTConfig, cfg["dit"], "dit", d)), tensors, path)
-    return DemoDenoiser(model).to(device).eval()
+    return _load_dit(d, cfg, DIT_FILE, cfg["dit"], "dit", device)
 
 
 def load_weak_denoiser(weights_dir: str | None = None, *, device: Any = "cpu") -> DemoDenoiser:
@@ -322,10 +327,7 @@ def load_weak_denoiser(weights_dir: str | None = None, *, device: Any = "cpu") -
             f"{os.path.join(d, CONFIG_FILE)} has no 'weak' entry with the weak DiT's config; "
             "this weights folder ships no weak model"
         )
-    path = os.path.join(d, DIT_WEAK_FILE)
-    tensors = load_tensors(path, _expected_sha256(cfg, DIT_WEAK_FILE, d))
-    model = _load_module(DemoDiT(_build(DiTConfig, weak["dit"], "weak.dit", d)), tensors, path)
-    return DemoDenoiser(model).to(device).eval()
+    return _load_dit(d, cfg, DIT_WEAK_FILE, weak["dit"], "weak.dit", device)
 
 
 def load_classifier(weights_dir: str | None = None, *, device: Any = "cpu") -> DemoClassifier:

@@ -88,10 +88,12 @@ DEFAULT_WEAK = "shipped"
 #: Per-rule parameters a study may set (schedules stay at their defaults).
 _SCHEDULES = {"schedule", "cfg_schedule"}
 
-#: Metric names and what they measure (see :mod:`smoothguide.study.metrics`).
+#: Metric names and what they measure (see :mod:`smoothguide.study.metrics`), in the
+#: order of the report's columns.
 METRICS: dict[str, str] = {
     "fd": "Fréchet distance of the features to the reference set",
     "kid": "kernel inception distance (unbiased MMD², cubic kernel) to the reference set",
+    "clip_score": "CLIP score 100·max(cos, 0) of each sample with its prompt (local CLIP)",
     "rms": "RMS pixel difference to the unguided sample of the same seed",
     "ssim": "SSIM to the unguided sample of the same seed",
     "lpips": "LPIPS distance to the unguided sample of the same seed (local weights)",
@@ -99,7 +101,6 @@ METRICS: dict[str, str] = {
     "saturation": "mean HSV saturation (RGB samples)",
     "confidence": "mean top-class probability of the feature classifier",
     "accuracy": "fraction classified as the label sampled (class-conditional)",
-    "clip_score": "CLIP score 100·max(cos, 0) of each sample with its prompt (local CLIP)",
 }
 
 _TOP_KEYS = (

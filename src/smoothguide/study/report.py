@@ -24,24 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from .definition import StudyError
+from .definition import METRICS, StudyError
 from .store import Store, atomic_write
 from .units import make_units
 
 __all__ = ["load_results", "write_report"]
 
-_COLUMNS = (
-    "fd",
-    "kid",
-    "clip_score",
-    "rms",
-    "ssim",
-    "lpips",
-    "ink",
-    "saturation",
-    "confidence",
-    "accuracy",
-)
+_COLUMNS = tuple(METRICS)
 
 
 def load_results(root: str) -> tuple[dict[str, Any], dict[str, Any]]:
