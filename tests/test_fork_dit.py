@@ -27,44 +27,8 @@ from smoothguide.sampling import GuidedDenoiser  # noqa: E402
 from smoothguide.sampling.forking import ForkSpec  # noqa: E402
 from smoothguide.torch.fork import ForkPolicy  # noqa: E402
 from test_diffusers_transformers import make_dit, make_pixart  # noqa: E402
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def close(a: torch.Tensor, b: torch.Tensor, ops: int = 64) -> None:
-    """|a - b| <= ops * eps * max|b| (elementwise), with eps of the dtype."""
-    eps = torch.finfo(b.dtype).eps
-    tol = ops * eps * float(b.abs().max())
-    err = float((a - b).abs().max())
-    assert a.shape == b.shape
-    assert err <= tol, f"max |forked - unforked| = {err:.3g} > {tol:.3g}"
-
-
-class Rows:
-    """Batch sizes seen by chosen submodules (first tensor argument), per model call."""
-
-    def __init__(self, model: torch.nn.Module, *names: str) -> None:
-        self.seen: dict[str, list[int]] = {n: [] for n in names}
-        mods = dict(model.named_modules())
-        self.handles = [
-            mods[n].register_forward_pre_hook(
-                lambda m, a, kw, n=n: self.seen[n].append(
-                    (a[0] if a else next(iter(kw.values()))).shape[0]
-                ),
-                with_kwargs=True,
-            )
-            for n in names
-        ]
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
+from test_fork import Rows, close  # noqa: E402
+from test_fork import _one_thread as _one_thread  # noqa: E402  (autouse: one torch thread)
 
 
 class Den(torch.nn.Module):

@@ -31,26 +31,11 @@ from smoothguide.perturbations import IdentityAttention, QuerySmoothing  # noqa:
 from smoothguide.sampling.forking import plan_fork  # noqa: E402
 from smoothguide.torch.fork import ForkPolicy  # noqa: E402
 from test_diffusers_transformers import MAKERS, SIZES, inputs  # noqa: E402
+from test_fork import _one_thread as _one_thread  # noqa: E402  (autouse: one torch thread)
+from test_fork import close  # noqa: E402
 
 FAMILIES = ["wan", "ltx", "cogvideox"]
 STACK = {"wan": "blocks", "ltx": "transformer_blocks", "cogvideox": "transformer_blocks"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def close(a: torch.Tensor, b: torch.Tensor, ops: int = 64) -> None:
-    """|a - b| <= ops * eps * max|b| (elementwise), with eps of the dtype."""
-    eps = torch.finfo(b.dtype).eps
-    tol = ops * eps * float(b.abs().max())
-    err = float((a - b).abs().max())
-    assert a.shape == b.shape
-    assert err <= tol, f"max |forked - unforked| = {err:.3g} > {tol:.3g}"
 
 
 def first_rows(seen: list[int]) -> Any:
