@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from toy_study_model import ToyModel
+
 #: Positions of the tiny text model (prompts are truncated to this many tokens).
 MAX_TOKENS = 32
 
@@ -106,29 +108,10 @@ def save_random_lpips(folder: Path, net: str = "alex", *, seed: int = 0) -> tupl
     return folder / "backbone.pth", folder / f"{net}.pth"
 
 
-class PromptModel:
+class PromptModel(ToyModel):
     """A text-conditional toy: RGB ``tanh(noise · w)`` (unguided ``w = 1``), 16x16, no network."""
 
     noise_shape = (3, 16, 16)
-
-    def __init__(self, options: Any, device: Any) -> None:
-        self.device = device
-
-    @staticmethod
-    def check(items: Any, prompts: bool) -> None:
-        pass
-
-    def class_labels(self, items: Any) -> list[Any]:
-        return [None] * len(items)
-
-    def sample(self, rule: Any, items: Any, noise: Any, steps: int) -> Any:
-        import torch
-
-        scale = 1.0 if rule is None else rule.scale
-        return torch.tanh(noise * scale)
-
-    def reference_images(self) -> Any:
-        return None
 
 
 prompt_factory = PromptModel
