@@ -303,6 +303,7 @@ class Forker:
         self.model = model
         self.policy = policy
         self._local = _ThreadState()
+        self._positional: list[str] | None = None
 
     # ------------------------------------------------------------------ planning
     def fork_point(self, layers: Sequence[str]) -> tuple[str, Any]:
@@ -461,12 +462,13 @@ class Forker:
 
     def _arg_names(self, n: int) -> list[str]:
         """Names of the first ``n`` positional parameters of the model's ``forward``."""
-        params = [
-            p.name
-            for p in inspect.signature(self.model.forward).parameters.values()
-            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-        ]
-        return params[:n]
+        if self._positional is None:  # read once: the signature is the same on every call
+            self._positional = [
+                p.name
+                for p in inspect.signature(self.model.forward).parameters.values()
+                if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            ]
+        return self._positional[:n]
 
     @staticmethod
     def _kept(call: _CallState, value: Any) -> Any:
